@@ -81,6 +81,7 @@ KVM_SET_CPUID2 = _iow(0x90, s.KvmCpuid2)
 KVM_NMI = _io(0x9A)
 KVM_GET_MP_STATE = _ior(0x98, s.KvmMpState)
 KVM_SET_MP_STATE = _iow(0x99, s.KvmMpState)
+KVM_GET_TSC_KHZ = _io(0xA3)
 KVM_GET_VCPU_EVENTS = _ior(0x9F, s.KvmVcpuEvents)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, s.KvmVcpuEvents)
 

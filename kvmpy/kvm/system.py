@@ -18,6 +18,7 @@ from pathlib import Path
 from kvmpy.errors import KvmUnavailable
 from kvmpy.kvm import ioctls as k
 from kvmpy.kvm import structs as s
+from kvmpy.kvm.run import RunView
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _ioctl = _libc.ioctl
@@ -192,13 +193,9 @@ class VcpuFd:
         self.fd = fd
         self.id = vcpu_id
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # ctypes view for clarity (diagnostics, tests); RunView for the exit path.
         self.run_struct = s.KvmRun.from_buffer(self._map)
-        self.run_address = ctypes.addressof(self.run_struct)
-        # The immediate_exit byte as its own ctypes object: another thread's kick writes it
-        # without touching the rest of the structure.
-        self.immediate_exit = ctypes.c_uint8.from_address(
-            self.run_address + s.KvmRun.immediate_exit.offset
-        )
+        self.view = RunView(self._map)
 
     def run(self) -> int:
         """KVM_RUN. Returns 0, or -errno for EINTR/EAGAIN (a kick is an ordinary exit)."""
@@ -256,6 +253,10 @@ class VcpuFd:
             return None
         return tr.physical_address if tr.valid else None
 
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC frequency."""
+        return ioctl(self.fd, k.KVM_GET_TSC_KHZ)
+
     def interrupt(self, vector: int) -> None:
         ioctl(self.fd, k.KVM_INTERRUPT, s.KvmInterrupt(vector))
 
@@ -281,7 +282,7 @@ class VcpuFd:
     def close(self) -> None:
         if self.fd < 0:
             return
-        del self.immediate_exit
+        self.view.release()
         del self.run_struct
         try:
             self._map.close()

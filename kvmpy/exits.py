@@ -1,0 +1,255 @@
+"""Exit handling: the early fastpath and the full dispatch.
+
+`handle_exit_irqoff(vcpu, exit)` is the seed's fastpath (KVM's
+`vmx_handle_exit_irqoff` / `handle_fastpath_set_msr_irqoff`, today
+`__handle_fastpath_wrmsr`). It runs right after KVM_RUN returns, before the VM-wide
+exit lock (kvmpy's srcu_read_lock), before stats and tracing, and handles every ICR
+write: x2APIC MSR 0x830, SELF_IPI 0x83f, the TSC-deadline MSR, and (beyond upstream)
+the xAPIC ICR-low MMIO write. It returns a `Fastpath`, never a fake exit reason.
+
+Contract for a failed fast attempt (upstream `kvm_x2apic_icr_write_fast`): reserved
+bits are checked first, and a write that would #GP returns NONE with no side effect,
+so the slow path below injects the #GP.
+
+`handle_exit(vcpu, exit, fastpath)` is the ordinary dispatch: one handler per exit
+reason, called with the VM-wide exit lock held.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kvmpy.apic import (
+    MSR_APIC_BASE,
+    MSR_TSC_DEADLINE,
+    MSR_X2APIC_ICR,
+    MSR_X2APIC_SELF_IPI,
+    X2APIC_MSR_FIRST,
+    X2APIC_MSR_LAST,
+    ApicGP,
+    ApicMode,
+)
+from kvmpy.kvm import ioctls as k
+from kvmpy.kvm import run as kr
+
+if TYPE_CHECKING:
+    from kvmpy.vcpu import Exit, Vcpu
+
+log = logging.getLogger("kvmpy.exits")
+
+XAPIC_ICR_LOW = 0x300
+XAPIC_PAGE_SIZE = 0x1000
+
+
+class Fastpath(enum.Enum):
+    """What the fastpath did with an exit (upstream's `fastpath_t`)."""
+
+    NONE = 0  # not handled: run the full dispatch
+    REENTER_GUEST = 1  # fully handled: re-enter the guest at once
+    EXIT_HANDLED = 2  # handled, but go through the outer loop (handle_exit returns early)
+
+
+_NONE = Fastpath.NONE
+_REENTER = Fastpath.REENTER_GUEST
+
+
+def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
+    """The early fastpath. Hot: no lock, no logging, no allocation it can avoid."""
+    reason = exit[0]
+    if reason == k.KVM_EXIT_X86_WRMSR:
+        if not vcpu.fastpath_enabled:
+            return _NONE
+        index = exit[1]
+        apic = vcpu.apic
+        if index == MSR_X2APIC_ICR:
+            return _REENTER if apic.icr_write_x2apic_fast(exit[2]) else _NONE
+        if index == MSR_X2APIC_SELF_IPI:
+            return _REENTER if apic.self_ipi_fast(exit[2]) else _NONE
+        if index == MSR_TSC_DEADLINE:
+            try:
+                apic.wrmsr(index, exit[2])
+            except ApicGP:
+                return _NONE
+            vcpu.sync_timer()
+            return _REENTER
+        return _NONE
+    if reason == k.KVM_EXIT_MMIO:
+        if not vcpu.fastpath_enabled or not exit[3]:
+            return _NONE
+        apic = vcpu.apic
+        if exit[1] == apic.base_address + XAPIC_ICR_LOW and exit[2] == 4 \
+                and apic.mode is ApicMode.XAPIC:
+            value = vcpu.view.u32[kr.MMIO_DATA // 4]
+            return _REENTER if apic.icr_write_xapic_fast(value) else _NONE
+        return _NONE
+    if reason == k.KVM_EXIT_INTR:
+        # A kick: the request it carries is picked up by the injection at the loop top.
+        return _REENTER
+    return _NONE
+
+
+def handle_exit(vcpu: Vcpu, exit: Exit, fastpath: Fastpath) -> None:
+    """The full dispatch (KVM's `vmx_handle_exit`), with the VM-wide exit lock held."""
+    if fastpath is not Fastpath.NONE:
+        return  # handled early (upstream: `if (exit_fastpath != EXIT_FASTPATH_NONE) return 1`)
+    handler = EXIT_HANDLERS.get(exit[0], handle_unexpected)
+    handler(vcpu, exit)
+
+
+# ------------------------------------------------------------------ port and MMIO I/O
+
+
+def handle_io(vcpu: Vcpu, exit: Exit) -> None:
+    """KVM_EXIT_IO: `count` accesses of `size` bytes at `data_offset` in kvm_run."""
+    _, port, size, direction = exit
+    view = vcpu.view
+    count = view.u32[kr.IO_COUNT]
+    offset = view.u64[kr.IO_DATA_OFFSET]
+    bus = vcpu.machine.pio_bus
+    data = view.u8
+    if size not in (1, 2, 4) or offset + count * size > len(data):
+        vcpu.machine.guest_crash(vcpu, f"malformed I/O exit (size {size}, count {count})")
+        return
+    for i in range(count):
+        at = offset + i * size
+        if direction == k.KVM_EXIT_IO_OUT:
+            bus.write(port, size, int.from_bytes(data[at : at + size], "little"))
+        else:
+            data[at : at + size] = bus.read(port, size).to_bytes(size, "little")
+
+
+def handle_mmio(vcpu: Vcpu, exit: Exit) -> None:
+    """KVM_EXIT_MMIO: the xAPIC page of this vCPU's APIC, else the MMIO bus."""
+    _, addr, length, is_write = exit
+    data = vcpu.view.u8
+    if length not in (1, 2, 4, 8):
+        length = min(max(length, 1), 8)
+    apic = vcpu.apic
+    mask = (1 << (8 * length)) - 1
+    if apic is not None and apic.mode is ApicMode.XAPIC \
+            and 0 <= addr - apic.base_address < XAPIC_PAGE_SIZE:
+        offset = addr - apic.base_address
+        if is_write:
+            value = int.from_bytes(data[kr.MMIO_DATA : kr.MMIO_DATA + length], "little")
+            apic.mmio_write(offset, length, value)
+            vcpu.sync_timer()
+        else:
+            value = apic.mmio_read(offset, length) & mask
+            data[kr.MMIO_DATA : kr.MMIO_DATA + length] = value.to_bytes(length, "little")
+        return
+    bus = vcpu.machine.mmio_bus
+    if is_write:
+        bus.write(addr, length, int.from_bytes(data[kr.MMIO_DATA : kr.MMIO_DATA + length],
+                                               "little"))
+    else:
+        value = bus.read(addr, length) & mask
+        data[kr.MMIO_DATA : kr.MMIO_DATA + length] = value.to_bytes(length, "little")
+
+
+# ------------------------------------------------------------------ MSRs
+
+
+def _is_apic_msr(index: int) -> bool:
+    return (X2APIC_MSR_FIRST <= index <= X2APIC_MSR_LAST or index == MSR_APIC_BASE
+            or index == MSR_TSC_DEADLINE)
+
+
+def handle_rdmsr(vcpu: Vcpu, exit: Exit) -> None:
+    """KVM_EXIT_X86_RDMSR: the APIC's MSRs; any other MSR gets #GP (msr.error = 1)."""
+    index = exit[1]
+    view = vcpu.view
+    apic = vcpu.apic
+    if apic is not None and _is_apic_msr(index):
+        try:
+            view.u64[kr.MSR_DATA] = apic.rdmsr(index) & 0xFFFF_FFFF_FFFF_FFFF
+            view.u8[kr.MSR_ERROR] = 0
+            return
+        except ApicGP:
+            pass
+    vcpu.stats.msr_writes[-index - 1] = vcpu.stats.msr_writes.get(-index - 1, 0) + 1
+    view.u8[kr.MSR_ERROR] = 1
+
+
+def handle_wrmsr(vcpu: Vcpu, exit: Exit) -> None:
+    """KVM_EXIT_X86_WRMSR. The slow x2APIC path: an ICR write that reaches it with the
+    fastpath on was refused there (reserved bits), so `apic.wrmsr` raises the #GP; ICR2
+    (0x831) and DFR (0x80e) #GP as the SDM says they do not exist in x2APIC mode."""
+    _, index, value, _ = exit
+    view = vcpu.view
+    apic = vcpu.apic
+    stats = vcpu.stats
+    stats.msr_writes[index] = stats.msr_writes.get(index, 0) + 1
+    if apic is not None and _is_apic_msr(index):
+        try:
+            apic.wrmsr(index, value)
+            view.u8[kr.MSR_ERROR] = 0
+            vcpu.sync_timer()
+            return
+        except ApicGP:
+            pass
+    view.u8[kr.MSR_ERROR] = 1
+
+
+# ------------------------------------------------------------------ CPU state exits
+
+
+def handle_hlt(vcpu: Vcpu, exit: Exit) -> None:
+    vcpu.halt()
+
+
+def handle_nothing(vcpu: Vcpu, exit: Exit) -> None:
+    """IRQ window open / a kick: the loop top injects what is pending."""
+
+
+def handle_shutdown(vcpu: Vcpu, exit: Exit) -> None:
+    vcpu.machine.guest_crash(vcpu, "triple fault (KVM_EXIT_SHUTDOWN)")
+
+
+def handle_internal_error(vcpu: Vcpu, exit: Exit) -> None:
+    internal = vcpu.fd.run_struct.exit.internal
+    names = {
+        k.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+        k.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+        k.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+        k.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected hardware exit reason",
+    }
+    what = names.get(internal.suberror, f"suberror {internal.suberror}")
+    vcpu.machine.guest_crash(vcpu, f"KVM internal error: {what}")
+
+
+def handle_fail_entry(vcpu: Vcpu, exit: Exit) -> None:
+    reason = vcpu.fd.run_struct.exit.fail_entry.hardware_entry_failure_reason
+    vcpu.machine.guest_crash(vcpu, f"VM entry failed (hardware reason {reason:#x})")
+
+
+def handle_system_event(vcpu: Vcpu, exit: Exit) -> None:
+    ev = vcpu.fd.run_struct.exit.system_event.type
+    if ev == 1:  # KVM_SYSTEM_EVENT_SHUTDOWN
+        vcpu.machine.stop(0, f"vCPU {vcpu.index}: guest powered off")
+    elif ev == 2:  # KVM_SYSTEM_EVENT_RESET
+        vcpu.machine.stop(0, f"vCPU {vcpu.index}: guest requested a reset (not supported)")
+    else:
+        vcpu.machine.guest_crash(vcpu, f"system event {ev}")
+
+
+def handle_unexpected(vcpu: Vcpu, exit: Exit) -> None:
+    name = k.EXIT_REASON_NAMES.get(exit[0], str(exit[0]))
+    vcpu.machine.guest_crash(vcpu, f"unhandled exit reason {name} ({exit[0]})")
+
+
+EXIT_HANDLERS: dict[int, Callable[[Vcpu, Exit], None]] = {
+    k.KVM_EXIT_IO: handle_io,
+    k.KVM_EXIT_MMIO: handle_mmio,
+    k.KVM_EXIT_X86_RDMSR: handle_rdmsr,
+    k.KVM_EXIT_X86_WRMSR: handle_wrmsr,
+    k.KVM_EXIT_HLT: handle_hlt,
+    k.KVM_EXIT_IRQ_WINDOW_OPEN: handle_nothing,
+    k.KVM_EXIT_INTR: handle_nothing,
+    k.KVM_EXIT_SHUTDOWN: handle_shutdown,
+    k.KVM_EXIT_INTERNAL_ERROR: handle_internal_error,
+    k.KVM_EXIT_FAIL_ENTRY: handle_fail_entry,
+    k.KVM_EXIT_SYSTEM_EVENT: handle_system_event,
+}

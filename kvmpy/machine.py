@@ -1,0 +1,360 @@
+"""The Machine: guest memory, vCPUs, local APICs, device buses, and the VM lifecycle.
+
+Lifecycle (Firecracker's `vmm` + kvmtool's `kvm.c`): `Machine(config)` creates the VM
+and its devices, `load(image)` puts a guest in memory and sets the BSP's registers,
+`start()` starts one thread per vCPU, `wait()` blocks until the VM ends and returns a
+`VmResult`, `close()` releases every fd and mapping. The first event that ends the VM
+(debug-exit write, triple fault, a fault inside kvmpy, `stop()`) wins: its status and
+message are the result, and every vCPU thread is kicked out and joined.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import BinaryIO
+
+from kvmpy.apic import ApicBus, LocalApic
+from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
+from kvmpy.boot.cpu import setup_protected_mode, setup_real_mode_sipi, write_boot_gdt
+from kvmpy.bus import Bus
+from kvmpy.cpuid import guest_cpuid
+from kvmpy.devices import DebugExit, FwCfg, Pit8254, Serial16550, SystemControlB
+from kvmpy.errors import ImageError, KvmpyError
+from kvmpy.kvm import Kvm, VcpuFd
+from kvmpy.kvm import ioctls as k
+from kvmpy.memory import GuestMemory
+from kvmpy.timers import TimerService
+from kvmpy.trace import ExitStats
+from kvmpy.vcpu import Vcpu, VcpuState, install_kick_handler
+
+# Process exit statuses. A debug-exit write of V gives (V << 1) | 1, always odd; every
+# status kvmpy chooses itself is even, so the two never collide.
+STATUS_OK = 0
+STATUS_USAGE = 2  # bad command line or input file (the CLI)
+STATUS_TRIPLE_FAULT = 4  # KVM_EXIT_SHUTDOWN
+STATUS_GUEST_CRASH = 6  # internal error, failed entry, unhandled exit
+STATUS_VMM_FAULT = 8  # an exception inside kvmpy (a bug): the VM is stopped cleanly
+STATUS_HUNG = 10  # every vCPU halted with nothing that could ever wake one
+STATUS_INTERRUPTED = 130  # SIGINT (128 + 2)
+STATUS_TERMINATED = 143  # SIGTERM (128 + 15)
+
+TSS_ADDRESS = 0xFFFB_D000
+IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+MIN_MEMORY = 1 << 20
+MAX_VCPUS = 255  # xAPIC physical IDs; x2APIC would allow more, KVM here allows 1024
+HUNG_GRACE_S = 0.5
+
+
+@dataclass
+class MachineConfig:
+    """What a user chooses on the command line."""
+
+    cpus: int = 1
+    memory: int = 64 << 20
+    cmdline: str = ""
+    initrd: bytes | None = None
+    serial: BinaryIO | None = None  # None: the process's stdout
+    fastpath: bool = True
+    ap_start: str = "sipi"  # "sipi": APs wait for INIT-SIPI; "entry": all start at entry
+    record_time: bool = True
+    kvm_path: str = "/dev/kvm"
+
+    def validate(self) -> None:
+        if not 1 <= self.cpus <= MAX_VCPUS:
+            raise KvmpyError(f"--cpus must be between 1 and {MAX_VCPUS}, got {self.cpus}")
+        if self.memory < MIN_MEMORY or self.memory % 4096:
+            raise KvmpyError(
+                f"--memory must be at least 1M and a multiple of 4K, got {self.memory} bytes"
+            )
+        if self.ap_start not in ("sipi", "entry"):
+            raise KvmpyError(f"ap_start must be 'sipi' or 'entry', got {self.ap_start!r}")
+
+
+@dataclass(frozen=True)
+class VmResult:
+    """How the VM ended: the process exit status and one line saying why."""
+
+    status: int
+    message: str
+    stats: ExitStats = field(repr=False, compare=False, default_factory=ExitStats)
+
+
+class Machine:
+    """One virtual machine."""
+
+    def __init__(self, config: MachineConfig, kvm: Kvm | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.kvm = kvm or Kvm.open(config.kvm_path)
+        self._own_kvm = kvm is None
+        self.kvm.require_caps()
+        self.stopping = False
+        self.exit_lock = threading.Lock()  # the srcu_read_lock analogue (DESIGN.md)
+        self._result: VmResult | None = None
+        self._result_lock = threading.Lock()
+        self._done = threading.Event()
+        self._blocked = 0
+        self._blocked_lock = threading.Lock()
+        self._started = False
+        self.timers = TimerService()
+        self.vm = self.kvm.create_vm()
+        try:
+            self._setup_vm()
+            self.memory = GuestMemory(config.memory)
+            for region in self.memory.regions:
+                self.vm.set_user_memory_region(
+                    region.slot, region.gpa, region.size, region.host_address
+                )
+            self._setup_devices()
+            self.apic_bus = ApicBus(self._notify_vcpu)
+            self.vcpus: list[Vcpu] = []
+            supported = self.kvm.supported_cpuid()
+            for i in range(config.cpus):
+                fd = self.vm.create_vcpu(i)
+                fd.set_cpuid(guest_cpuid(supported, i, config.cpus))
+                self.tsc_hz = fd.get_tsc_khz() * 1000
+                apic = LocalApic(
+                    i, self.apic_bus, bsp=(i == 0), clock_ns=time.monotonic_ns,
+                    tsc=_guest_tsc_clock(fd, self.tsc_hz), tsc_hz=self.tsc_hz,
+                )
+                self.apic_bus.add(apic)
+                vcpu = Vcpu(self, i, fd, apic, fastpath=config.fastpath,
+                            stats=ExitStats(config.record_time))
+                self.vcpus.append(vcpu)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- setup
+
+    def _setup_vm(self) -> None:
+        vm = self.vm
+        try:
+            vm.set_identity_map_addr(IDENTITY_MAP_ADDRESS)
+        except OSError:
+            pass  # not needed on every backend
+        vm.set_tss_addr(TSS_ADDRESS)
+        # No in-kernel irqchip: x2APIC MSRs (0x800-0x8ff) exit as INVAL, IA32_APIC_BASE
+        # and TSC_DEADLINE are denied by the filter so reads and writes both exit.
+        vm.enable_cap(
+            k.KVM_CAP_X86_USER_SPACE_MSR,
+            k.KVM_MSR_EXIT_REASON_INVAL | k.KVM_MSR_EXIT_REASON_UNKNOWN
+            | k.KVM_MSR_EXIT_REASON_FILTER,
+        )
+        from kvmpy.apic import MSR_APIC_BASE, MSR_TSC_DEADLINE
+
+        vm.set_msr_filter([MSR_APIC_BASE, MSR_TSC_DEADLINE])
+
+    def _setup_devices(self) -> None:
+        cfg = self.config
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        out = cfg.serial if cfg.serial is not None else sys.stdout.buffer
+        self.serial = Serial16550(out)
+        self.debug_exit = DebugExit(self._debug_exit)
+        self.fw_cfg = FwCfg(cfg.cpus, cfg.memory)
+        self.pit = Pit8254(time.monotonic_ns)
+        self.port61 = SystemControlB(self.pit)
+        self.pio_bus.register(0x3F8, 8, self.serial)
+        self.pio_bus.register(0xF4, 4, self.debug_exit)
+        self.pio_bus.register(0x510, 2, self.fw_cfg)
+        self.pio_bus.register(0x40, 4, self.pit)
+        self.pio_bus.register(0x61, 1, self.port61)
+
+    # ---------------------------------------------------------------- loading
+
+    def load(self, image: bytes) -> BootInfo:
+        """Load a multiboot image (or a raw flat binary) and set up the vCPUs to run it."""
+        mem = self.memory
+        if is_multiboot(image):
+            modules = [(self.config.initrd, "initrd")] if self.config.initrd is not None else []
+            boot = load_multiboot(mem, image, cmdline=self.config.cmdline, modules=modules)
+        else:
+            if image[:4] == b"\x7fELF":
+                raise ImageError("ELF image has no multiboot header")
+            boot = load_flat(mem, image)
+        write_boot_gdt(mem)
+        for vcpu in self.vcpus:
+            if vcpu.index == 0 or self.config.ap_start == "entry":
+                setup_protected_mode(vcpu.fd, entry=boot.entry, eax=boot.eax, ebx=boot.ebx)
+                vcpu.state = VcpuState.RUNNABLE
+            else:
+                vcpu.state = VcpuState.WAIT_FOR_SIPI
+        return boot
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            install_kick_handler()
+        self._started = True
+        self.timers.start()
+        for vcpu in self.vcpus:
+            t = threading.Thread(target=self._vcpu_thread, args=(vcpu,),
+                                 name=f"kvmpy-vcpu{vcpu.index}", daemon=True)
+            vcpu.thread = t
+            t.start()
+
+    def _vcpu_thread(self, vcpu: Vcpu) -> None:
+        try:
+            vcpu.run_loop()
+        except BaseException as exc:  # noqa: BLE001 - a bug in kvmpy must not hang the VM
+            self.vmm_fault(f"vCPU {vcpu.index}", exc)
+        finally:
+            vcpu.state = VcpuState.STOPPED
+            self._check_all_stopped()
+
+    def _check_all_stopped(self) -> None:
+        if all(v.state is VcpuState.STOPPED for v in self.vcpus):
+            self.stop(STATUS_OK, "all vCPUs stopped")
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> VmResult:
+        """Block until the VM ends (or `timeout` s: then stop it) and return how it ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.wait(0.1):
+            if self._hung():
+                self.stop(STATUS_HUNG, "every vCPU is halted and nothing can wake one: "
+                          "the guest hung")
+            if deadline is not None and time.monotonic() > deadline:
+                self.stop(STATUS_VMM_FAULT, f"timed out after {timeout} s")
+        self._join()
+        result = self._result or VmResult(STATUS_OK, "stopped")
+        return VmResult(result.status, result.message, self.merged_stats())
+
+    def run(self, timeout: float | None = None) -> VmResult:
+        """start() then wait()."""
+        self.start()
+        try:
+            return self.wait(timeout)
+        except KeyboardInterrupt:
+            self.stop(STATUS_INTERRUPTED, "interrupted (SIGINT)")
+            return self.wait(5)
+
+    def stop(self, status: int, message: str) -> None:
+        """End the VM: the first caller's status and message are the result."""
+        with self._result_lock:
+            if self._result is None:
+                self._result = VmResult(status, message)
+        self.stopping = True
+        for vcpu in self.vcpus:
+            vcpu.stop()
+        if not self._started:
+            self._done.set()
+
+    def _join(self) -> None:
+        me = threading.current_thread()
+        for vcpu in self.vcpus:
+            if vcpu.thread is not None and vcpu.thread is not me:
+                vcpu.thread.join(timeout=5)
+                if vcpu.thread.is_alive():
+                    print(f"kvmpy: vCPU {vcpu.index} did not stop", file=sys.stderr)
+        self.timers.stop()
+
+    @property
+    def result(self) -> VmResult | None:
+        return self._result
+
+    def close(self) -> None:
+        """Stop if running and release every fd and mapping (idempotent)."""
+        if self._started and not self._done.is_set():
+            self.stop(STATUS_OK, "closed")
+            self.wait(5)
+        for vcpu in getattr(self, "vcpus", []):
+            vcpu.fd.close()
+        if hasattr(self, "memory"):
+            self.memory.close()
+        self.vm.close()
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- events from vCPUs
+
+    def _debug_exit(self, status: int) -> None:
+        self.stop(status, f"guest wrote {status >> 1:#x} to the debug-exit port")
+
+    def guest_crash(self, vcpu: Vcpu, what: str) -> None:
+        """A guest failure that ends the VM: say which vCPU, the exit, RIP and instruction."""
+        from kvmpy.diagnose import describe
+
+        status = STATUS_TRIPLE_FAULT if "triple fault" in what else STATUS_GUEST_CRASH
+        self.stop(status, f"vCPU {vcpu.index}: {what} at {describe(vcpu)}")
+
+    def vmm_fault(self, where: str, exc: BaseException) -> None:
+        """An exception inside kvmpy: stop the VM cleanly, naming where it happened."""
+        tb = traceback.extract_tb(exc.__traceback__)
+        at = f" ({os.path.basename(tb[-1].filename)}:{tb[-1].lineno} in {tb[-1].name})" \
+            if tb else ""
+        if os.environ.get("KVMPY_DEBUG"):
+            traceback.print_exception(exc)
+        self.stop(STATUS_VMM_FAULT,
+                  f"internal error in {where}: {type(exc).__name__}: {exc}{at}")
+
+    def _notify_vcpu(self, index: int) -> None:
+        """ApicBus callback: a request for vCPU `index` was published; kick it."""
+        self.vcpus[index].kick()
+
+    def on_init(self, vcpu: Vcpu) -> None:
+        """INIT (SDM 10.4.7.3, 8.4): the vCPU resets and waits for a SIPI (KVM's
+        kvm_apic_accept_events: the BSP too, as kvmpy has no firmware to reset into)."""
+        vcpu.state = VcpuState.WAIT_FOR_SIPI
+        vcpu.apic.take_sipi()  # a SIPI latched before this INIT is stale
+
+    def poll_sipi(self, vcpu: Vcpu) -> None:
+        """In wait-for-SIPI: start the vCPU in real mode at vector << 12 on a SIPI."""
+        apic = vcpu.apic
+        if apic.take_init():
+            return
+        vector = apic.take_sipi()
+        if vector is not None:
+            setup_real_mode_sipi(vcpu.fd, vector)
+            vcpu.state = VcpuState.RUNNABLE
+
+    def note_blocked(self, vcpu: Vcpu, blocked: bool) -> None:
+        with self._blocked_lock:
+            self._blocked += 1 if blocked else -1
+            self._blocked_since = time.monotonic()
+
+    def _hung(self) -> bool:
+        """Every vCPU blocked for a while, no timer armed, nothing pending anywhere."""
+        if self._blocked < len(self.vcpus) or self.stopping:
+            return False
+        if time.monotonic() - self._blocked_since < HUNG_GRACE_S:
+            return False
+        for vcpu in self.vcpus:
+            if vcpu._timer_deadline is not None or vcpu.apic.has_pending_events():
+                return False
+        return self._blocked == len(self.vcpus)
+
+    def merged_stats(self) -> ExitStats:
+        total = ExitStats()
+        for vcpu in self.vcpus:
+            total.merge(vcpu.stats)
+        return total
+
+
+MSR_IA32_TSC = 0x10
+
+
+def _guest_tsc_clock(fd: VcpuFd, tsc_hz: int) -> Callable[[], int]:
+    """The vCPU's TSC as a function of host time: read once through KVM_GET_MSRS, then
+    extrapolated at KVM's TSC rate (KVM_GET_TSC_KHZ), for TSC-deadline arithmetic."""
+    tsc0 = fd.get_msrs([MSR_IA32_TSC])[0]
+    t0 = time.monotonic_ns()
+
+    def guest_tsc() -> int:
+        return tsc0 + (time.monotonic_ns() - t0) * tsc_hz // 1_000_000_000
+
+    return guest_tsc

@@ -1,0 +1,34 @@
+"""Human-readable reports: the exit statistics table (like `perf kvm stat report`,
+with a fastpath column)."""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from kvmpy.trace import ExitStats, exit_report
+
+
+def _us(ns: int) -> str:
+    return f"{ns / 1000:.1f}"
+
+
+def exit_table(stats: ExitStats) -> Table:
+    table = Table(title="VM exits (kvmpy handling time: KVM_RUN return to next entry)")
+    for col in ("exit reason", "count", "fastpath", "total ms", "p50 us", "p99 us",
+                "fast p50 us", "slow p50 us"):
+        table.add_column(col, justify="left" if col == "exit reason" else "right")
+    for row in exit_report(stats):
+        table.add_row(
+            row.reason, str(row.count), str(row.fast), f"{row.total_ns / 1e6:.2f}",
+            _us(row.p50_ns), _us(row.p99_ns),
+            _us(row.fast_p50_ns) if row.fast else "-",
+            _us(row.slow_p50_ns) if row.count > row.fast else "-",
+        )
+    return table
+
+
+def print_exit_table(stats: ExitStats, file: TextIO | None = None) -> None:
+    Console(file=file, width=110).print(exit_table(stats))

@@ -1,0 +1,303 @@
+"""The vCPU thread: run loop, event injection, halt, and the race-free kick.
+
+The loop mirrors KVM's `vcpu_enter_guest` and the seed's design (DESIGN.md, "The exit
+path"):
+
+    inject pending events
+    exit = self.run()                        # returns the exit; nothing else stores it
+    fp = handle_exit_irqoff(self, exit)      # fastpath: no VM lock, no stats, no dispatch
+    if fp is REENTER_GUEST and nothing requested: continue
+    with vm.exit_lock:                       # the srcu_read_lock analogue
+        handle_exit(self, exit, fp)          # full dispatch
+
+Kick protocol (Documentation/virt/kvm/vcpu-requests.rst, "Ensuring Requests Are Seen"):
+a sender first publishes the request (IRR bit, pending NMI/INIT/SIPI) and sets
+`self.request_event`, THEN reads `self.mode`; if the target is IN_GUEST it writes
+`immediate_exit = 1` into the target's kvm_run and sends it a signal; if the target is
+BLOCKED (halted, or an AP waiting for SIPI) it sets the target's wake event. The target
+stores `mode = IN_GUEST` and THEN re-checks `request_event` before KVM_RUN. Python
+runs these loads and stores one at a time under the GIL (sequentially consistent), so
+of "sender reads mode" and "target re-checks the request" at least one sees the other's
+store: either the target sees the request and does not enter, or the sender sees
+IN_GUEST and kicks; immediate_exit covers a signal that lands before KVM_RUN starts.
+`tests/test_kick_model.py` enumerates every interleaving of the two to check this.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kvmpy.exits import Fastpath, handle_exit, handle_exit_irqoff
+from kvmpy.kvm import ioctls as k
+from kvmpy.kvm import run as kr
+from kvmpy.kvm.system import VcpuFd
+from kvmpy.trace import ExitStats
+
+if TYPE_CHECKING:
+    from kvmpy.apic import LocalApic
+    from kvmpy.machine import Machine
+
+KICK_SIGNAL = signal.SIGUSR1
+
+
+class VcpuMode(enum.IntEnum):
+    """Where the vCPU thread is, as the kick protocol sees it (KVM's vcpu->mode)."""
+
+    OUTSIDE_GUEST = 0
+    IN_GUEST = 1
+    BLOCKED = 2  # sleeping on `wake` (halted, or waiting for SIPI)
+
+
+class VcpuState(enum.Enum):
+    """Architectural run state (KVM's mp_state)."""
+
+    RUNNABLE = "runnable"
+    HALTED = "halted"
+    WAIT_FOR_SIPI = "wait-for-SIPI"
+    STOPPED = "stopped"
+
+
+class Exit(tuple):
+    """What `run()` returns: (reason, a, b, c), read once from kvm_run.
+
+    KVM_EXIT_X86_RDMSR/WRMSR: (reason, msr index, data, msr exit reason)
+    KVM_EXIT_MMIO:            (reason, physical address, length, is_write)
+    KVM_EXIT_IO:              (reason, port, size, direction)
+    anything else:            (reason, 0, 0, 0)
+    A plain tuple subclass: building one per exit is the only allocation of the loop.
+    """
+
+    __slots__ = ()
+
+    @property
+    def reason(self) -> int:
+        return self[0]
+
+    def __repr__(self) -> str:
+        name = k.EXIT_REASON_NAMES.get(self[0], str(self[0]))
+        return f"Exit({name}, {self[1]:#x}, {self[2]:#x}, {self[3]})"
+
+
+_EXIT_INTR = Exit((k.KVM_EXIT_INTR, 0, 0, 0))
+
+
+def _noop_kick_handler(signum: int, frame: object) -> None:
+    """A real handler (SIG_IGN would discard the signal): its only job is that a kicked
+    thread's KVM_RUN returns EINTR."""
+
+
+def install_kick_handler() -> None:
+    """Install the kick signal's handler (must run on the main thread, once)."""
+    if signal.getsignal(KICK_SIGNAL) is not _noop_kick_handler:
+        signal.signal(KICK_SIGNAL, _noop_kick_handler)
+
+
+class Vcpu:
+    """One virtual CPU: its KVM fd, its local APIC, and the thread that runs it."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        index: int,
+        fd: VcpuFd,
+        apic: LocalApic | None,
+        *,
+        fastpath: bool,
+        stats: ExitStats,
+    ) -> None:
+        self.machine = machine
+        self.index = index
+        self.fd = fd
+        self.view = fd.view
+        self.apic = apic
+        self.fastpath_enabled = fastpath
+        self.stats = stats
+        self.state = VcpuState.RUNNABLE
+        self.mode = VcpuMode.OUTSIDE_GUEST
+        self.request_event = False  # KVM_REQ_EVENT: set by senders after publishing
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.thread_ident = 0
+        self._cr8 = 0
+        self._timer_deadline: int | None = None
+        self.halt_hook: Callable[[Vcpu], None] | None = None
+
+    # ---------------------------------------------------------------- the run loop
+
+    def run(self) -> Exit:
+        """KVM_RUN, then read the exit once from kvm_run and return it."""
+        u32 = self.view.u32
+        ret = self.fd.run()
+        self.mode = VcpuMode.OUTSIDE_GUEST
+        if ret < 0:
+            self.view.u8[kr.IMMEDIATE_EXIT] = 0  # a kick: EINTR is an ordinary exit
+            return _EXIT_INTR
+        reason = u32[kr.EXIT_REASON]
+        if reason == k.KVM_EXIT_X86_WRMSR or reason == k.KVM_EXIT_X86_RDMSR:
+            return Exit((reason, u32[kr.MSR_INDEX], self.view.u64[kr.MSR_DATA],
+                         u32[kr.MSR_REASON]))
+        if reason == k.KVM_EXIT_MMIO:
+            return Exit((reason, self.view.u64[kr.MMIO_PHYS_ADDR], u32[kr.MMIO_LEN],
+                         self.view.u8[kr.MMIO_IS_WRITE]))
+        if reason == k.KVM_EXIT_IO:
+            return Exit((reason, self.view.u16[kr.IO_PORT], self.view.u8[kr.IO_SIZE],
+                         self.view.u8[kr.IO_DIRECTION]))
+        return Exit((reason, 0, 0, 0))
+
+    def run_loop(self) -> None:
+        """The vCPU thread's body; returns when the VM stops."""
+        self.thread_ident = threading.get_ident()
+        machine = self.machine
+        stats = self.stats
+        record_time = stats.record_time
+        clock = time.perf_counter_ns
+        exit_lock = machine.exit_lock
+        while not machine.stopping:
+            if self.state is not VcpuState.RUNNABLE:
+                self._block_until_runnable()
+                continue
+            self.request_event = False
+            self._inject_pending_events()
+            # Publish IN_GUEST, then re-check requests (see the module docstring).
+            self.mode = VcpuMode.IN_GUEST
+            if self.request_event or machine.stopping:
+                self.mode = VcpuMode.OUTSIDE_GUEST
+                continue
+            exit = self.run()
+            t0 = clock() if record_time else 0
+            fp = handle_exit_irqoff(self, exit)
+            reason = exit[0]
+            stats.count[reason] += 1
+            if fp is Fastpath.REENTER_GUEST:
+                stats.fast[reason] += 1
+                if record_time:
+                    stats.fast_time[reason].add(clock() - t0)
+                continue
+            with exit_lock:
+                handle_exit(self, exit, fp)
+            if record_time:
+                stats.slow_time[reason].add(clock() - t0)
+
+    # ---------------------------------------------------------------- events
+
+    def _inject_pending_events(self) -> None:
+        """Inject what the local APIC has pending (KVM's inject_pending_event), or ask
+        KVM for an interrupt window when the guest cannot take it yet."""
+        apic = self.apic
+        if apic is None:
+            return
+        u8 = self.view.u8
+        cr8 = self.view.u64[kr.CR8]
+        if cr8 != self._cr8:  # the guest wrote CR8 (64-bit mode): TPR follows
+            apic.set_cr8(cr8)
+        if self._timer_deadline is not None and time.monotonic_ns() >= self._timer_deadline:
+            apic.timer_expired(time.monotonic_ns())
+        if apic.take_init():
+            self.machine.on_init(self)
+            return
+        if apic.take_nmi():
+            self.fd.nmi()
+        vector = apic.pending_vector()
+        if vector is None:
+            u8[kr.REQUEST_INTERRUPT_WINDOW] = 0
+        elif u8[kr.READY_FOR_INJECTION] and u8[kr.IF_FLAG]:
+            apic.ack(vector)
+            self.fd.interrupt(vector)
+            u8[kr.REQUEST_INTERRUPT_WINDOW] = 0
+        else:
+            u8[kr.REQUEST_INTERRUPT_WINDOW] = 1
+        self._cr8 = apic.cr8()
+        self.view.u64[kr.CR8] = self._cr8
+        self.sync_timer()
+
+    def sync_timer(self) -> None:
+        """Arm the VM's host timer for this APIC's next expiry if it changed."""
+        apic = self.apic
+        if apic is None:
+            return
+        deadline = apic.timer_deadline_ns()
+        if deadline != self._timer_deadline:
+            self._timer_deadline = deadline
+            if deadline is not None:
+                self.machine.timers.arm(self, deadline)
+
+    def _wakeup_pending(self) -> bool:
+        """Would this blocked vCPU wake now? (KVM's kvm_vcpu_has_events)."""
+        apic = self.apic
+        if apic is None:
+            return False
+        if self._timer_deadline is not None and time.monotonic_ns() >= self._timer_deadline:
+            apic.timer_expired(time.monotonic_ns())
+            self.sync_timer()
+        if self.state is VcpuState.WAIT_FOR_SIPI:
+            return apic.has_pending_events()
+        # HLT with IF=0 sleeps until NMI/INIT/SMI; a maskable interrupt wakes it only
+        # if it could be taken (the IF flag as of the HLT exit).
+        if apic.take_init():
+            self.machine.on_init(self)
+            return True
+        return apic.has_pending_events() and (
+            bool(self.view.u8[kr.IF_FLAG]) or apic.pending_vector() is None
+        )
+
+    def _block_until_runnable(self) -> None:
+        """Sleep while halted or waiting for SIPI, until an event or the VM stops."""
+        machine = self.machine
+        self.wake.clear()
+        self.mode = VcpuMode.BLOCKED
+        machine.note_blocked(self, True)
+        try:
+            while not machine.stopping:
+                if self.state is VcpuState.WAIT_FOR_SIPI:
+                    machine.poll_sipi(self)
+                    if self.state is VcpuState.RUNNABLE:
+                        return
+                elif self._wakeup_pending():
+                    if self.state is VcpuState.HALTED:
+                        self.state = VcpuState.RUNNABLE
+                    return
+                timeout = None
+                if self._timer_deadline is not None:
+                    timeout = max(0.0, (self._timer_deadline - time.monotonic_ns()) / 1e9)
+                self.wake.wait(timeout)
+                self.wake.clear()
+        finally:
+            machine.note_blocked(self, False)
+            self.mode = VcpuMode.OUTSIDE_GUEST
+
+    def halt(self) -> None:
+        """KVM_EXIT_HLT: no in-kernel irqchip, so the halt is ours to implement."""
+        self.state = VcpuState.HALTED
+
+    # ---------------------------------------------------------------- the kick
+
+    def kick(self) -> None:
+        """Make this vCPU see a request that the caller has ALREADY published.
+
+        Hot path: no allocation, no logging, no lock. See the module docstring for why
+        the order "publish, set request_event, read mode" cannot lose a request.
+        """
+        self.request_event = True
+        mode = self.mode
+        if mode == VcpuMode.IN_GUEST:
+            self.view.u8[kr.IMMEDIATE_EXIT] = 1
+            if self.thread_ident != threading.get_ident():
+                signal.pthread_kill(self.thread_ident, KICK_SIGNAL)
+        elif mode == VcpuMode.BLOCKED:
+            self.wake.set()
+
+    def stop(self) -> None:
+        """Kick for a VM stop: the loop checks `machine.stopping` before every entry."""
+        self.request_event = True
+        self.view.u8[kr.IMMEDIATE_EXIT] = 1
+        self.wake.set()
+        if self.mode == VcpuMode.IN_GUEST and self.thread_ident:
+            try:
+                signal.pthread_kill(self.thread_ident, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
