@@ -1,0 +1,163 @@
+"""IPI routing between the local APICs of one VM (SDM 10.6).
+
+``send_ipi`` decodes an ICR value, finds the destination APICs and delivers into
+each: it publishes the pending state in the target (``accept_*``) and only then
+calls ``notify(index)``, where the VMM kicks or wakes that vCPU. It allocates
+nothing, so it can run on the vCPU fastpath.
+
+Choices where the SDM leaves room (each documented in the function that makes it):
+- lowest priority: focus processor first (one with the vector already in IRR or
+  ISR, unless SVR focus checking is disabled), else the lowest PPR among the
+  matching software-enabled APICs, ties to the lowest bus index;
+- the trigger mode of a fixed/lowest IPI is ignored (SDM 10.6.1: it only means
+  something for INIT level de-assert), so IPIs are always edge (TMR cleared);
+- invalid shorthand/delivery-mode combinations of SDM Table 10-3 are delivered
+  anyway (Linux sends NMIs with the all-including-self shorthand), as KVM does;
+- delivery modes 011 and 111 are reserved in the ICR: dropped and counted;
+- globally disabled APICs (IA32_APIC_BASE.EN=0) are not on the bus: they match no
+  destination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .constants import (
+    DM_EXTINT,
+    DM_FIXED,
+    DM_INIT,
+    DM_LOWEST,
+    DM_NMI,
+    DM_RESERVED3,
+    DM_SIPI,
+    ESR_SEND_ILLEGAL_VECTOR,
+    ICR_DEST_LOGICAL,
+    ICR_LEVEL_ASSERT,
+    ICR_TRIGGER_LEVEL,
+    SH_ALL_BUT,
+    SH_NONE,
+    SH_SELF,
+    SVR_FOCUS_DISABLED,
+)
+from .destination import is_broadcast, match_logical, match_physical
+from .lapic import LocalApic
+from .mode import ApicMode
+
+_DISABLED = ApicMode.DISABLED
+
+
+class ApicBus:
+    """All local APICs of one VM, and IPI routing (SDM 10.6): destination matching,
+    shorthands, broadcast, lowest priority."""
+
+    def __init__(self, notify: Callable[[int], None]) -> None:
+        self.notify = notify
+        self.apics: list[LocalApic] = []
+
+    def add(self, apic: LocalApic) -> None:
+        """Attach ``apic``; its ``index`` becomes its position in ``apics``."""
+        if apic.bus is not self:
+            raise ValueError(f"{apic!r} was created for another bus")
+        if apic.index >= 0:
+            raise ValueError(f"{apic!r} is already on a bus")
+        if any(other.apic_id == apic.apic_id for other in self.apics):
+            raise ValueError(f"duplicate APIC ID {apic.apic_id}")
+        apic.index = len(self.apics)
+        self.apics.append(apic)
+
+    # ------------------------------------------------------------------ routing
+    def send_ipi(self, source: LocalApic, icr_low: int, dest: int) -> None:
+        """Send the interrupt described by ICR low ``icr_low`` to destination ``dest``
+        (ICR[63:32] in x2APIC mode, ICR[63:56] in xAPIC mode). Runs on the source's
+        thread; never raises for a guest-controlled value."""
+        stats = source._stats
+        stats["ipi_sent"] += 1
+        vector = icr_low & 0xFF
+        dm = (icr_low >> 8) & 7
+        if dm <= DM_LOWEST and vector < 16:
+            # SDM 10.5.3: the sender logs "send illegal vector"; nothing is sent.
+            stats["illegal_vector_sent"] += 1
+            source._record_error(ESR_SEND_ILLEGAL_VECTOR)
+            return
+        if dm == DM_INIT and icr_low & ICR_TRIGGER_LEVEL and not icr_low & ICR_LEVEL_ASSERT:
+            # INIT level de-assert (SDM 10.6.1): only synchronises arbitration IDs on
+            # P6-era parts; no delivery.
+            stats["init_deassert"] += 1
+            return
+        if dm == DM_RESERVED3 or dm == DM_EXTINT:
+            stats["ipi_reserved_delivery_mode"] += 1
+            return
+        shorthand = (icr_low >> 18) & 3
+        if shorthand == SH_SELF:
+            self._deliver(source, dm, vector)
+            return
+        logical = icr_low & ICR_DEST_LOGICAL
+        broadcast = shorthand != SH_NONE or is_broadcast(dest, source.mode)
+        if not broadcast and not logical:
+            target = self._physical_target(dest)
+            if target is None:
+                stats["ipi_no_target"] += 1
+            else:
+                self._deliver(target, dm, vector)
+            return
+        skip = source if shorthand == SH_ALL_BUT else None
+        if dm == DM_LOWEST:
+            target = self._lowest_priority(vector, dest, broadcast, skip)
+            if target is None:
+                stats["ipi_no_target"] += 1
+            else:
+                self._deliver(target, dm, vector)
+            return
+        for target in self.apics:
+            if target is skip or target.mode is _DISABLED:
+                continue
+            if broadcast or match_logical(target, dest):
+                self._deliver(target, dm, vector)
+
+    def _physical_target(self, dest: int) -> LocalApic | None:
+        """The APIC with physical ID ``dest`` (SDM 10.6.2.1). kvmpy numbers APICs by
+        index, so ``apics[dest]`` is tried first; a software-changed xAPIC ID falls
+        back to a scan. Physical IDs are unique (SDM 10.4.6): the first match wins."""
+        apics = self.apics
+        if dest < len(apics):
+            target = apics[dest]
+            if target.mode is not _DISABLED and match_physical(target, dest):
+                return target
+        for target in apics:
+            if target.mode is not _DISABLED and match_physical(target, dest):
+                return target
+        return None
+
+    def _lowest_priority(
+        self, vector: int, dest: int, broadcast: bool, skip: LocalApic | None
+    ) -> LocalApic | None:
+        """Lowest-priority arbitration (SDM 10.6.2.4) among the matching APICs that can
+        accept the interrupt (software-enabled). The focus processor (vector already in
+        its IRR or ISR, focus checking enabled: SVR bit 9 clear) wins outright; else the
+        lowest PPR, ties to the lowest index."""
+        best: LocalApic | None = None
+        for target in self.apics:
+            if target is skip or target.mode is _DISABLED or not target.sw_enabled:
+                continue
+            if not broadcast and not match_logical(target, dest):
+                continue
+            if not target.svr & SVR_FOCUS_DISABLED and (target.irr[vector] or target.isr[vector]):
+                return target
+            if best is None or target.ppr < best.ppr:
+                best = target
+        return best
+
+    def _deliver(self, target: LocalApic, dm: int, vector: int) -> None:
+        """Publish the event in ``target``, then notify (the order the kick relies on)."""
+        if dm == DM_FIXED or dm == DM_LOWEST:
+            if not target.accept_fixed(vector, False):
+                return
+        elif dm == DM_NMI:
+            target.accept_nmi()
+        elif dm == DM_INIT:
+            target.accept_init()
+        elif dm == DM_SIPI:
+            target.accept_sipi(vector)
+        else:
+            target.accept_smi()
+        self.notify(target.index)

@@ -1,0 +1,653 @@
+"""The local APIC: one register file behind both the xAPIC MMIO page and the x2APIC
+MSRs (as bhyve's vlapic.c), as a pure state machine driven by a clock (as crosvm's
+devices/src/irqchip/apic.rs). Intel SDM Vol. 3A ch. 10.
+
+Threading. Register accesses, injection (``pending_vector``/``ack``/``take_*``) and
+the timer run on the owning vCPU's thread. Delivery (``accept_*``) may come from any
+thread and takes no lock: IRR/ISR/TMR are ``bytearray(256)``, one byte per vector, so
+``irr[v] = 1`` is one atomic store under the GIL and the highest pending vector is
+``irr.rfind(1)``; NMI/SMI/INIT/SIPI are plain attribute stores. A sender publishes
+the pending state first, and only then calls ``bus.notify(index)``, so a target that
+re-checks after being notified always sees the new state. The ESR accumulator, the
+one multi-field update other threads make, takes a small lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import constants as c
+from .counters import AtomicCounter
+from .destination import x2apic_ldr
+from .errors import ApicGP
+from .mode import ApicMode, check_apic_base_write
+from .registers import REGISTERS, x2apic_spec
+from .timer import ApicTimer
+
+if TYPE_CHECKING:
+    from .bus import ApicBus
+
+_ZERO_VECTORS = bytes(256)
+_BIT_CHARS = bytes.maketrans(b"\x00\x01", b"01")
+_DISABLED = ApicMode.DISABLED
+_XAPIC = ApicMode.XAPIC
+_X2APIC = ApicMode.X2APIC
+_MMIO_HOLE = 0xFFFFFFFFFFFFFFFF
+
+
+def _pack32(vectors: bytearray, word: int) -> int:
+    """Register view of vectors 32*word .. 32*word+31 (bit i = vector 32*word+i)."""
+    chunk = vectors[32 * word : 32 * word + 32]
+    return int(chunk[::-1].translate(_BIT_CHARS), 2)
+
+
+class LocalApic:
+    """One local APIC. See the module docstring for the threading contract."""
+
+    def __init__(
+        self,
+        apic_id: int,
+        bus: ApicBus,
+        *,
+        bsp: bool,
+        clock_ns: Callable[[], int],
+        tsc: Callable[[], int],
+        tsc_hz: int,
+        maxphyaddr: int = 52,
+        x2apic_supported: bool = True,
+        min_periodic_ns: int = 0,
+    ) -> None:
+        self.apic_id = apic_id  # initial APIC ID == x2APIC ID (SDM 10.12.5.1)
+        self.bus = bus
+        self.bsp = bsp
+        self.clock_ns = clock_ns
+        self.tsc = tsc
+        self.tsc_hz = tsc_hz
+        self.maxphyaddr = maxphyaddr
+        self.x2apic_supported = x2apic_supported
+        self.index = -1  # set by ApicBus.add
+        self.x2apic_ldr = x2apic_ldr(apic_id)
+        # Called with the vector on the EOI of a level-triggered interrupt (TMR set):
+        # the VMM may forward it to the IOAPIC (SDM 10.8.5). Runs on the owner's thread.
+        self.on_level_eoi: Callable[[int], None] | None = None
+
+        self.irr = bytearray(256)
+        self.isr = bytearray(256)
+        self.tmr = bytearray(256)
+        self.timer = ApicTimer(tsc_hz, min_periodic_ns)
+        self._esr_lock = threading.Lock()
+        self._lvt = [c.LVT_MASKED] * c.LVT_COUNT
+
+        # Pending non-vectored events (plain attribute stores; see module docstring).
+        self.nmi_pending = False
+        self.smi_pending = False
+        self.init_pending = False
+        self.sipi_pending = False
+        self.sipi_vector = 0
+        # Application processors wait for INIT-SIPI at power-up; the BSP runs.
+        self.wait_for_sipi = not bsp
+
+        # Owner-thread counters, and counters bumped by delivering threads.
+        self._stats: Counter[str] = Counter()
+        self._rx_fixed = AtomicCounter()
+        self._rx_rejected = AtomicCounter()
+        self._rx_illegal = AtomicCounter()
+        self._rx_nmi = AtomicCounter()
+        self._rx_smi = AtomicCounter()
+        self._rx_init = AtomicCounter()
+        self._rx_sipi = AtomicCounter()
+        self._rx_sipi_ignored = AtomicCounter()
+        self._errors = AtomicCounter()
+
+        self.mode = _XAPIC  # power-up: EN=1, EXTD=0 (SDM 10.4.7.1)
+        self.base_address = c.APIC_DEFAULT_BASE
+        self.xapic_id = apic_id & 0xFF
+        self._reset_registers()
+
+    # ================================================================ state resets
+    def _reset_registers(self) -> None:
+        """Register state after power-up or INIT (SDM 10.4.7.1, 10.4.7.3): IRR/ISR/TMR,
+        ICR, LDR, TPR, timer cleared; DFR all ones; LVTs masked; SVR 0xFF (software
+        disabled). APIC ID, base and mode are the callers' business."""
+        self.irr[:] = _ZERO_VECTORS
+        self.isr[:] = _ZERO_VECTORS
+        self.tmr[:] = _ZERO_VECTORS
+        self.tpr = 0
+        self.ppr = 0
+        self.ldr = 0
+        self.dfr = c.DFR_RESET
+        self.svr = 0xFF
+        self.sw_enabled = False
+        self._icr_low = 0
+        self._icr_dest = 0
+        with self._esr_lock:
+            self._esr = 0
+            self._esr_pending = 0
+        for i in range(c.LVT_COUNT):
+            self._lvt[i] = c.LVT_MASKED
+        self.timer.reset()
+
+    # ================================================================ counters
+    @property
+    def stats(self) -> Counter[str]:
+        """Snapshot of all event counters (owner-side and delivery-side)."""
+        snap = Counter(self._stats)
+        for name, counter in (
+            ("ipi_received", self._rx_fixed),
+            ("fixed_rejected_disabled", self._rx_rejected),
+            ("illegal_vector_received", self._rx_illegal),
+            ("nmi_received", self._rx_nmi),
+            ("smi_received", self._rx_smi),
+            ("init_received", self._rx_init),
+            ("sipi_received", self._rx_sipi),
+            ("sipi_ignored", self._rx_sipi_ignored),
+            ("esr_errors", self._errors),
+        ):
+            value = counter.value
+            if value:
+                snap[name] = value
+        if self.timer.missed_periods:
+            snap["timer_missed_periods"] = self.timer.missed_periods
+        return snap
+
+    # ================================================================ IA32_APIC_BASE
+    @property
+    def apic_base(self) -> int:
+        """IA32_APIC_BASE as RDMSR returns it (SDM 10.4.4, Figure 10-5)."""
+        value = self.base_address
+        if self.bsp:
+            value |= c.APIC_BASE_BSP
+        if self.mode is not _DISABLED:
+            value |= c.APIC_BASE_EN
+        if self.mode is _X2APIC:
+            value |= c.APIC_BASE_EXTD
+        return value
+
+    def _write_apic_base(self, value: int) -> None:
+        new = check_apic_base_write(
+            self.mode, value, maxphyaddr=self.maxphyaddr, x2apic_supported=self.x2apic_supported
+        )
+        self.base_address = value & ~0xFFF & ((1 << self.maxphyaddr) - 1)
+        old = self.mode
+        if new is old:
+            return
+        self._stats["mode_" + new.name.lower()] += 1
+        if new is _DISABLED:
+            # SDM 10.4.3: disabling loses the APIC state (back to 10.4.7.1).
+            self._reset_registers()
+            self.xapic_id = self.apic_id & 0xFF
+        self.mode = new
+        # xAPIC -> x2APIC (SDM 10.12.5.1): the ID reads as the x2APIC ID and the LDR is
+        # derived from it (both computed on read); DFR and ICR high vanish.
+
+    # ================================================================ MSR path
+    def rdmsr(self, msr: int) -> int:
+        """RDMSR of IA32_APIC_BASE, IA32_TSC_DEADLINE or an x2APIC MSR; raises ApicGP."""
+        if msr == c.MSR_APIC_BASE:
+            return self.apic_base
+        if msr == c.MSR_TSC_DEADLINE:
+            if self.mode is _DISABLED or self.timer.mode != c.TIMER_TSC_DEADLINE:
+                return 0
+            return self.timer.tsc_deadline
+        if not c.X2APIC_MSR_FIRST <= msr <= c.X2APIC_MSR_LAST:
+            self._stats["gp"] += 1
+            raise ApicGP(f"MSR {msr:#x} is not an APIC MSR")
+        if self.mode is not _X2APIC:
+            self._stats["gp"] += 1
+            raise ApicGP(f"x2APIC MSR {msr:#x} read outside x2APIC mode (SDM 10.12.2)")
+        spec = x2apic_spec(msr)
+        if spec is None or not spec.x2_readable:
+            self._stats["gp"] += 1
+            raise ApicGP(f"x2APIC MSR {msr:#x} is not readable (SDM Table 10-6)")
+        offset = (msr - c.X2APIC_MSR_FIRST) << 4
+        if offset == c.REG_ICR_LOW:
+            return (self._icr_dest << 32) | self._icr_low
+        return self._read_reg(offset)
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        """WRMSR; raises ApicGP before changing anything (SDM 10.12.1.3)."""
+        if msr == c.MSR_APIC_BASE:
+            try:
+                self._write_apic_base(value)
+            except ApicGP:
+                self._stats["gp"] += 1
+                raise
+            return
+        if msr == c.MSR_TSC_DEADLINE:
+            # SDM 10.5.4.1: ignored unless the timer is in TSC-deadline mode.
+            if self.mode is _DISABLED or self.timer.mode != c.TIMER_TSC_DEADLINE:
+                self._stats["tsc_deadline_ignored"] += 1
+                return
+            self.timer.set_tsc_deadline(value, self.clock_ns(), self.tsc())
+            return
+        if not c.X2APIC_MSR_FIRST <= msr <= c.X2APIC_MSR_LAST:
+            self._stats["gp"] += 1
+            raise ApicGP(f"MSR {msr:#x} is not an APIC MSR")
+        if msr == c.MSR_X2APIC_ICR:
+            if not self.icr_write_x2apic_fast(value):
+                self._stats["gp"] += 1
+                raise ApicGP("x2APIC ICR: reserved bit set or not in x2APIC mode")
+            return
+        if self.mode is not _X2APIC:
+            self._stats["gp"] += 1
+            raise ApicGP(f"x2APIC MSR {msr:#x} written outside x2APIC mode (SDM 10.12.2)")
+        spec = x2apic_spec(msr)
+        if spec is None or not spec.x2_writable:
+            self._stats["gp"] += 1
+            raise ApicGP(f"x2APIC MSR {msr:#x} is not writable (SDM Table 10-6)")
+        if value >> 32 or value & spec.x2_reserved:
+            self._stats["gp"] += 1
+            raise ApicGP(f"x2APIC MSR {msr:#x}: reserved bits in {value:#x} (SDM 10.12.1.3)")
+        offset = (msr - c.X2APIC_MSR_FIRST) << 4
+        if offset == c.REG_LVT_TIMER and (value & c.LVT_TIMER_MODE_MASK) == c.LVT_TIMER_MODE_MASK:
+            self._stats["gp"] += 1
+            raise ApicGP("LVT timer mode 11b is reserved (SDM 10.5.1)")
+        if offset == c.REG_SELF_IPI:
+            self.self_ipi_fast(value)
+            return
+        self._write_reg(offset, value)
+
+    # ================================================================ MMIO path
+    def mmio_read(self, offset: int, size: int) -> int:
+        """Read ``size`` bytes at ``offset`` of the xAPIC page.
+
+        Outside xAPIC mode the page is not decoded and reads return all ones (as an
+        unclaimed bus; SDM 10.12.2: in x2APIC mode MMIO behaves as a globally disabled
+        xAPIC; KVM's LAPIC_MMIO_HOLE quirk does the same). Unimplemented registers read
+        0 and set ESR bit 7 (SDM 10.5.3); bytes 4..15 of a 16-byte slot read 0.
+        """
+        if self.mode is not _XAPIC:
+            self._stats["mmio_outside_xapic"] += 1
+            return _MMIO_HOLE & ((1 << (8 * size)) - 1)
+        reg = offset & 0xFF0
+        spec = REGISTERS.get(reg)
+        if spec is None or not spec.in_xapic:
+            self._record_error(c.ESR_ILLEGAL_REGISTER)
+            return 0
+        byte = offset & 0xF
+        if byte >= 4:
+            return 0
+        value = 0 if reg == c.REG_EOI else self._read_reg(reg)
+        return (value >> (8 * byte)) & ((1 << (8 * size)) - 1)
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        """Write to the xAPIC page. Only aligned 32-bit writes have an effect (SDM 10.4.1:
+        registers are 32-bit, 16-byte aligned); reserved bits are ignored, never #GP;
+        writes to read-only registers are ignored; writes outside xAPIC mode do nothing."""
+        if self.mode is not _XAPIC:
+            self._stats["mmio_outside_xapic"] += 1
+            return
+        if size != 4 or offset & 0xF:
+            self._stats["mmio_write_ignored"] += 1
+            return
+        spec = REGISTERS.get(offset)
+        if spec is None or not spec.in_xapic:
+            self._record_error(c.ESR_ILLEGAL_REGISTER)
+            return
+        if not spec.xapic_writable:
+            self._stats["mmio_write_ignored"] += 1
+            return
+        value &= 0xFFFFFFFF
+        if offset == c.REG_ICR_LOW:
+            self.icr_write_xapic_fast(value)
+            return
+        self._write_reg(offset, value)
+
+    # ================================================================ register file
+    def _read_reg(self, offset: int) -> int:
+        """32-bit value of the register at ``offset`` in the current mode (x2APIC ICR is
+        handled by rdmsr)."""
+        x2 = self.mode is _X2APIC
+        if offset == c.REG_ID:
+            return self.apic_id if x2 else self.xapic_id << 24
+        if offset == c.REG_VERSION:
+            return c.APIC_VERSION
+        if offset == c.REG_TPR:
+            return self.tpr
+        if offset == c.REG_APR:
+            return self.apr()
+        if offset == c.REG_PPR:
+            return self.ppr
+        if offset == c.REG_LDR:
+            return self.x2apic_ldr if x2 else self.ldr
+        if offset == c.REG_DFR:
+            return self.dfr
+        if offset == c.REG_SVR:
+            return self.svr
+        if c.REG_ISR0 <= offset < c.REG_ESR:
+            word = (offset >> 4) & 7
+            if offset < c.REG_TMR0:
+                return _pack32(self.isr, word)
+            if offset < c.REG_IRR0:
+                return _pack32(self.tmr, word)
+            return _pack32(self.irr, word)
+        if offset == c.REG_ESR:
+            return self._esr
+        if offset == c.REG_ICR_LOW:
+            return self._icr_low
+        if offset == c.REG_ICR_HIGH:
+            return (self._icr_dest & 0xFF) << 24
+        if c.REG_LVT_TIMER <= offset <= c.REG_LVT_ERROR:
+            return self._lvt[(offset - c.REG_LVT_TIMER) >> 4]
+        if offset == c.REG_TIMER_INITIAL:
+            return self.timer.initial_count
+        if offset == c.REG_TIMER_CURRENT:
+            return self.timer.current_count(self.clock_ns())
+        if offset == c.REG_TIMER_DIVIDE:
+            return self.timer.tdcr
+        return 0  # RRD (remote read is not supported: always invalid) and write-only
+
+    def _write_reg(self, offset: int, value: int) -> None:
+        """Apply an already-validated 32-bit write (both modes). Reserved bits are
+        dropped here, which is the xAPIC semantics; x2APIC writes were checked."""
+        if offset == c.REG_TPR:
+            self.tpr = value & 0xFF
+            self._update_ppr()
+        elif offset == c.REG_EOI:
+            self.eoi()
+        elif offset == c.REG_SVR:
+            self._write_svr(value)
+        elif c.REG_LVT_TIMER <= offset <= c.REG_LVT_ERROR:
+            self._write_lvt((offset - c.REG_LVT_TIMER) >> 4, value)
+        elif offset == c.REG_TIMER_INITIAL:
+            self.timer.set_initial_count(value, self.clock_ns())
+        elif offset == c.REG_TIMER_DIVIDE:
+            self.timer.set_divide(value, self.clock_ns())
+        elif offset == c.REG_ESR:
+            self._latch_esr()
+        elif offset == c.REG_ICR_HIGH:
+            self._icr_dest = value >> 24
+        elif offset == c.REG_ID:
+            self.xapic_id = value >> 24  # xAPIC ID is software-writable (SDM 10.4.6)
+        elif offset == c.REG_LDR:
+            self.ldr = value & 0xFF000000
+        elif offset == c.REG_DFR:
+            self.dfr = value | 0x0FFFFFFF  # bits 27:0 are reserved, read as ones
+
+    def _write_svr(self, value: int) -> None:
+        """SVR write (SDM 10.9, 10.4.7.2): clearing bit 8 software-disables the APIC
+        and masks every LVT entry."""
+        self.svr = value & c.SVR_WRITABLE
+        enabled = bool(value & c.SVR_APIC_ENABLED)
+        if not enabled:
+            for i in range(c.LVT_COUNT):
+                self._lvt[i] |= c.LVT_MASKED
+        if enabled != self.sw_enabled:
+            self._stats["sw_enable" if enabled else "sw_disable"] += 1
+        self.sw_enabled = enabled
+
+    def _write_lvt(self, index: int, value: int) -> None:
+        """LVT write (SDM 10.5.1): the mask bit cannot be cleared while the APIC is
+        software-disabled (SDM 10.4.7.2)."""
+        value &= c.LVT_WRITABLE[index]
+        if not self.sw_enabled:
+            value |= c.LVT_MASKED
+        self._lvt[index] = value
+        if index == c.LVT_TIMER:
+            mode = (value & c.LVT_TIMER_MODE_MASK) >> c.LVT_TIMER_MODE_SHIFT
+            self.timer.set_mode(mode, self.clock_ns())
+
+    def lvt(self, index: int) -> int:
+        """Current value of LVT entry ``index`` (LVT_TIMER .. LVT_ERROR)."""
+        return self._lvt[index]
+
+    # ================================================================ ESR
+    def _latch_esr(self) -> None:
+        """ESR write (SDM 10.5.3): the readable ESR becomes the errors logged since the
+        previous write, and the log starts over."""
+        with self._esr_lock:
+            self._esr = self._esr_pending
+            self._esr_pending = 0
+
+    def _record_error(self, bits: int) -> bool:
+        """Log an APIC error and raise the LVT error interrupt if unmasked (SDM 10.5.3).
+        May run on any thread. True if an interrupt became pending."""
+        with self._esr_lock:
+            self._esr_pending |= bits
+        self._errors.inc()
+        if bits & c.ESR_RECV_ILLEGAL_VECTOR:
+            self._rx_illegal.inc()
+        lvt = self._lvt[c.LVT_ERROR]
+        if lvt & c.LVT_MASKED:
+            return False
+        vector = lvt & c.LVT_VECTOR
+        if vector < 16:
+            # An illegal error vector is itself a receive-illegal error; no recursion.
+            with self._esr_lock:
+                self._esr_pending |= c.ESR_RECV_ILLEGAL_VECTOR
+            return False
+        self.tmr[vector] = 0
+        self.irr[vector] = 1
+        return True
+
+    @property
+    def esr_pending(self) -> int:
+        """Errors logged since the last ESR write (not yet visible to the guest)."""
+        return self._esr_pending
+
+    # ================================================================ ICR / IPIs
+    def icr_write_x2apic_fast(self, value: int) -> bool:
+        """x2APIC ICR write (MSR 0x830), upstream ``kvm_x2apic_icr_write_fast`` contract:
+        False, with no side effect, if not in x2APIC mode or a reserved bit (13, 17:16,
+        31:20) is set; otherwise send the IPI, store ICR (bit 12 dropped), return True."""
+        if self.mode is not _X2APIC or value & c.X2APIC_ICR_RESERVED:
+            return False
+        low = value & 0xFFFFEFFF
+        dest = (value >> 32) & 0xFFFFFFFF
+        self.bus.send_ipi(self, low, dest)
+        self._icr_low = low
+        self._icr_dest = dest
+        return True
+
+    def icr_write_xapic_fast(self, value32: int) -> bool:
+        """xAPIC write to ICR low (0x300): False (nothing done) outside xAPIC mode; else
+        store ICR low (reserved bits ignored), send to the destination held in ICR high
+        bits 31:24 (SDM 10.6.1), return True."""
+        if self.mode is not _XAPIC:
+            return False
+        low = value32 & c.XAPIC_ICR_LOW_WRITABLE
+        self.bus.send_ipi(self, low, self._icr_dest)
+        self._icr_low = low
+        return True
+
+    def self_ipi_fast(self, value: int) -> bool:
+        """SELF IPI MSR 0x83F (SDM 10.12.11): fixed, edge, to self. False (nothing done)
+        outside x2APIC mode or if bits 31:8 are set. An illegal vector is reported as a
+        receive error (ESR bit 6), as for any locally generated interrupt."""
+        if self.mode is not _X2APIC or value & ~0xFF:
+            return False
+        self._stats["self_ipi"] += 1
+        self._stats["ipi_sent"] += 1
+        if self.accept_fixed(value, False):
+            self.bus.notify(self.index)
+        return True
+
+    # ================================================================ delivery (any thread)
+    def accept_fixed(self, vector: int, level_triggered: bool) -> bool:
+        """Accept a fixed (or lowest-priority, once arbitrated) interrupt (SDM 10.8.1).
+
+        Rejected when the APIC is disabled, globally or by SVR (SDM 10.4.7.2). A vector
+        below 16 sets ESR bit 6 and no IRR bit (SDM 10.5.3). TMR is written before IRR,
+        so the owner never sees the IRR bit with a stale trigger mode. True if an
+        interrupt became pending (the vector, or the LVT error interrupt).
+        """
+        if not self.sw_enabled or self.mode is _DISABLED:
+            self._rx_rejected.inc()
+            return False
+        if vector < 16:
+            return self._record_error(c.ESR_RECV_ILLEGAL_VECTOR)
+        self.tmr[vector] = 1 if level_triggered else 0
+        self.irr[vector] = 1
+        self._rx_fixed.inc()
+        return True
+
+    def accept_nmi(self) -> None:
+        """NMI message (SDM 10.6.1): bypasses IRR/ISR; accepted even if SVR-disabled."""
+        self.nmi_pending = True
+        self._rx_nmi.inc()
+
+    def accept_smi(self) -> None:
+        """SMI message: latched as a pending flag (no SMM is modelled)."""
+        self.smi_pending = True
+        self._rx_smi.inc()
+
+    def accept_init(self) -> None:
+        """INIT message (SDM 10.6.1, 10.4.7.3); the owner acts on it in take_init."""
+        self.init_pending = True
+        self._rx_init.inc()
+
+    def accept_sipi(self, vector: int) -> None:
+        """Start-up IPI (SDM 10.4.4.1, 8.4.4): latched only by a processor in (or on its
+        way into, INIT pending) the wait-for-SIPI state; otherwise ignored."""
+        if not (self.wait_for_sipi or self.init_pending):
+            self._rx_sipi_ignored.inc()
+            return
+        self.sipi_vector = vector & 0xFF
+        self.sipi_pending = True
+        self._rx_sipi.inc()
+
+    # ================================================================ injection (owner)
+    def has_pending_events(self) -> bool:
+        """Cheap: anything that should wake a halted vCPU."""
+        if self.nmi_pending or self.init_pending or self.smi_pending:
+            return True
+        if self.sipi_pending and self.wait_for_sipi:
+            return True
+        return self.pending_vector() is not None
+
+    def pending_vector(self) -> int | None:
+        """Highest IRR vector deliverable now: its priority class (vector[7:4]) must be
+        above PPR[7:4] (SDM 10.8.3.1), and the APIC software-enabled."""
+        vector = self.irr.rfind(1)
+        if vector < 0 or (vector >> 4) <= (self.ppr >> 4) or not self.sw_enabled:
+            return None
+        return vector
+
+    def ack(self, vector: int) -> None:
+        """The CPU accepted ``vector`` (INTA): IRR -> ISR, update PPR (SDM 10.8.4)."""
+        self.irr[vector] = 0
+        self.isr[vector] = 1
+        self._update_ppr()
+        self._stats["injected"] += 1
+
+    def eoi(self) -> None:
+        """EOI (SDM 10.8.5): clear the highest ISR bit and update PPR. If that vector's
+        TMR bit is set it was level-triggered: count it and call ``on_level_eoi``."""
+        vector = self.isr.rfind(1)
+        if vector < 0:
+            self._stats["eoi_without_isr"] += 1
+            return
+        self.isr[vector] = 0
+        self._update_ppr()
+        self._stats["eoi"] += 1
+        if self.tmr[vector]:
+            self._stats["eoi_level"] += 1
+            if self.on_level_eoi is not None:
+                self.on_level_eoi(vector)
+
+    def take_nmi(self) -> bool:
+        """Consume a pending NMI (at most one is latched)."""
+        if self.nmi_pending:
+            self.nmi_pending = False
+            return True
+        return False
+
+    def take_smi(self) -> bool:
+        """Consume a pending SMI."""
+        if self.smi_pending:
+            self.smi_pending = False
+            return True
+        return False
+
+    def take_init(self) -> bool:
+        """Consume a pending INIT and perform the APIC side of INIT reset (SDM 10.4.7.3:
+        registers as at power-up except the APIC ID; mode and base kept). The VMM then
+        resets the vCPU: the BSP restarts at the reset vector, an AP enters
+        wait-for-SIPI (``wait_for_sipi`` becomes True), as KVM's kvm_apic_accept_events.
+        A pending NMI is dropped; a SIPI that arrived behind the INIT is kept."""
+        if not self.init_pending:
+            return False
+        self.init_pending = False
+        self.nmi_pending = False
+        self._reset_registers()
+        self.wait_for_sipi = not self.bsp
+        self._stats["init"] += 1
+        return True
+
+    def take_sipi(self) -> int | None:
+        """Consume a pending SIPI if in wait-for-SIPI: returns its vector (the AP starts
+        at vector << 12) and leaves the wait state. A SIPI with no INIT behind it and no
+        wait state is stale and dropped."""
+        if not self.sipi_pending:
+            return None
+        if self.wait_for_sipi:
+            self.sipi_pending = False
+            self.wait_for_sipi = False
+            self._stats["sipi"] += 1
+            return self.sipi_vector
+        if not self.init_pending:
+            self.sipi_pending = False
+        return None
+
+    def set_cr8(self, cr8: int) -> None:
+        """MOV to CR8 (SDM 10.8.6.1): TPR[7:4] = CR8[3:0], TPR[3:0] = 0. Bits 63:4 are
+        reserved: #GP."""
+        if cr8 & ~0xF:
+            self._stats["gp"] += 1
+            raise ApicGP(f"CR8 {cr8:#x}: reserved bits")
+        self.tpr = cr8 << 4
+        self._update_ppr()
+
+    def cr8(self) -> int:
+        """MOV from CR8: TPR[7:4]."""
+        return self.tpr >> 4
+
+    # ================================================================ priorities
+    def _update_ppr(self) -> None:
+        """PPR (SDM 10.8.3.1): TPR if TPR[7:4] >= ISRV[7:4], else ISRV[7:4] << 4."""
+        isrv = self.isr.rfind(1)
+        tpr = self.tpr
+        if isrv < 0 or (tpr & 0xF0) >= (isrv & 0xF0):
+            self.ppr = tpr
+        else:
+            self.ppr = isrv & 0xF0
+
+    def apr(self) -> int:
+        """Arbitration priority (SDM 10.6.2.4, Figure 10-15): TPR if TPR[7:4] >= IRRV[7:4]
+        and TPR[7:4] > ISRV[7:4], else the highest of the three classes."""
+        irrv = max(self.irr.rfind(1), 0)
+        isrv = max(self.isr.rfind(1), 0)
+        tpr = self.tpr
+        if (tpr & 0xF0) >= (irrv & 0xF0) and (tpr & 0xF0) > (isrv & 0xF0):
+            return tpr
+        return max(tpr & 0xF0, isrv & 0xF0, irrv & 0xF0)
+
+    # ================================================================ timer
+    def timer_deadline_ns(self) -> int | None:
+        """Absolute clock_ns time of the next timer expiry, or None."""
+        return self.timer.deadline_ns
+
+    def timer_expired(self, now_ns: int) -> bool:
+        """If the timer is due at ``now_ns``: set the LVT timer vector in IRR unless the
+        entry is masked (a masked timer still counts, SDM 10.5.1), rearm a periodic
+        timer, and return True. The caller wakes the owner vCPU if needed."""
+        if not self.timer.expire(now_ns):
+            return False
+        lvt = self._lvt[c.LVT_TIMER]
+        if lvt & c.LVT_MASKED:
+            self._stats["timer_masked"] += 1
+            return True
+        self._stats["timer_fired"] += 1
+        vector = lvt & c.LVT_VECTOR
+        if vector < 16:
+            self._record_error(c.ESR_RECV_ILLEGAL_VECTOR)
+        else:
+            self.tmr[vector] = 0
+            self.irr[vector] = 1
+        return True
+
+    def __repr__(self) -> str:
+        return f"LocalApic(id={self.apic_id}, index={self.index}, mode={self.mode.name})"
