@@ -72,9 +72,7 @@ def build_dir(source_dir: Path | None = None) -> Path:
 def guest_names(source_dir: Path | None = None) -> list[str]:
     """Every guest: the stems of guest/*.c and guest/*.S, sorted."""
     src = source_dir or guest_dir()
-    return sorted(
-        {p.stem for p in src.iterdir() if p.is_file() and p.suffix in SOURCE_SUFFIXES}
-    )
+    return sorted({p.stem for p in src.iterdir() if p.is_file() and p.suffix in SOURCE_SUFFIXES})
 
 
 @functools.lru_cache(maxsize=4)
@@ -123,10 +121,12 @@ def _cache_key(gcc_version: str, files: list[Path], src: Path) -> str:
 
 
 def _first_error(stderr: str) -> str:
+    """The compiler's or linker's first real error line (not collect2's summary)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for line in lines:
-        if "error" in line.lower():
-            return line
+    for marker in ("error:", "undefined reference", "error"):
+        for line in lines:
+            if marker in line.lower() and not line.startswith("collect2"):
+                return line
     return lines[0] if lines else "no compiler output"
 
 
@@ -164,9 +164,8 @@ def build_guest(
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise GuestBuildError(
-                f"building guest {name!r} failed: {_first_error(result.stderr)}"
-            )
+            raise GuestBuildError(f"building guest {name!r} failed: {_first_error(result.stderr)}")
+        tmp.chmod(0o644)
         os.replace(tmp, image)
     except (OSError, subprocess.SubprocessError) as exc:
         raise GuestBuildError(f"building guest {name!r} failed: {exc}") from None

@@ -99,9 +99,13 @@ def page_align(value: int) -> int:
 
 
 def find_header(image: bytes) -> MultibootHeader | None:
-    """The first valid multiboot header: magic 4-aligned in the first 8192 bytes, checksum ok."""
-    limit = min(len(image), MULTIBOOT_SEARCH) - 12
-    for off in range(0, limit + 1, 4):
+    """The first valid multiboot header: magic 4-aligned in the first 8192 bytes, checksum ok.
+
+    Like QEMU, the magic is looked for below 8192 - 48, so that the whole 48-byte header
+    (up to the video fields) lies in the first 8192 bytes.
+    """
+    limit = min(MULTIBOOT_SEARCH - 48, len(image) - 11)
+    for off in range(0, limit, 4):
         magic, flags, checksum = struct.unpack_from("<III", image, off)
         if magic != MULTIBOOT_HEADER_MAGIC or (magic + flags + checksum) & 0xFFFF_FFFF:
             continue
