@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kernel command line")
     run.add_argument("--initrd", "-initrd", dest="initrd", metavar="FILE",
                      help="file passed as the first multiboot module")
+    run.add_argument("--flat", action="store_true",
+                     help="IMAGE is a raw 32-bit binary, loaded and entered at 1 MiB")
     run.add_argument("--serial", dest="serial", metavar="FILE",
                      help="write the serial console to FILE instead of stdout")
     run.add_argument("--no-fastpath", dest="fastpath", action="store_false",
@@ -87,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     initrd = _read_file(Path(args.initrd), "initrd") if args.initrd else None
     config = MachineConfig(
         cpus=parse_cpus(args.cpus), memory=parse_size(args.memory), cmdline=args.append,
-        initrd=initrd, fastpath=args.fastpath,
+        initrd=initrd, initrd_name=args.initrd or "", fastpath=args.fastpath,
     )
     serial_file = None
     if args.serial:
@@ -98,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.serial = serial_file
     try:
         with Machine(config) as machine:
-            machine.load(image)
+            machine.load(image, flat=args.flat)
 
             def on_term(signum: int, frame: object) -> None:
                 machine.stop(STATUS_TERMINATED, "terminated (SIGTERM)")

@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from kvmpy.apic import ApicBus, LocalApic
@@ -59,6 +59,7 @@ class MachineConfig:
     memory: int = 64 << 20
     cmdline: str = ""
     initrd: bytes | None = None
+    initrd_name: str = "initrd"  # the module's command line (QEMU passes the file name)
     serial: BinaryIO | None = None  # None: the process's stdout
     fastpath: bool = True
     ap_start: str = "sipi"  # "sipi": APs wait for INIT-SIPI; "entry": all start at entry
@@ -169,16 +170,19 @@ class Machine:
 
     # ---------------------------------------------------------------- loading
 
-    def load(self, image: bytes) -> BootInfo:
-        """Load a multiboot image (or a raw flat binary) and set up the vCPUs to run it."""
+    def load(self, image: bytes, *, flat: bool = False) -> BootInfo:
+        """Load a multiboot image (or, with `flat`, a raw 32-bit binary at 1 MiB) and set
+        up the vCPUs to run it."""
         mem = self.memory
-        if is_multiboot(image):
-            modules = [(self.config.initrd, "initrd")] if self.config.initrd is not None else []
-            boot = load_multiboot(mem, image, cmdline=self.config.cmdline, modules=modules)
-        else:
-            if image[:4] == b"\x7fELF":
-                raise ImageError("ELF image has no multiboot header")
+        cfg = self.config
+        if flat:
             boot = load_flat(mem, image)
+        elif is_multiboot(image):
+            modules = [(cfg.initrd, cfg.initrd_name)] if cfg.initrd is not None else []
+            boot = load_multiboot(mem, image, cmdline=cfg.cmdline, modules=modules)
+        else:
+            raise ImageError("not a multiboot image (no multiboot header in its first 8 KiB); "
+                             "use --flat for a raw binary")
         write_boot_gdt(mem)
         for vcpu in self.vcpus:
             if vcpu.index == 0 or self.config.ap_start == "entry":

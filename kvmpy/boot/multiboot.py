@@ -255,7 +255,9 @@ def load_multiboot(
     else:
         raise ImageError("not an ELF image, and its multiboot header has no a.out kludge (bit 16)")
     if mem.low_size <= MiB:
-        raise ImageError(f"multiboot needs more than 1 MiB of guest memory, have {mem.size // MiB}")
+        raise ImageError(
+            f"multiboot needs more than 1 MiB of guest memory, have {mem.size // MiB} MiB"
+        )
 
     # QEMU: mb_buf_phys = elf_low; the info area starts at PAGE_ALIGN(kernel size).
     kernel_low = min(c.gpa for c in kernel)
