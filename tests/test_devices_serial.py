@@ -207,3 +207,29 @@ def test_reset_clears_state() -> None:
     uart.reset()
     assert rd(uart, LCR) == 0 and rd(uart, IER) == 0 and rd(uart, LSR) == 0x60
     assert uart.rx_pending == 0
+
+
+def test_kvm_unit_tests_serial_init_and_put() -> None:
+    """lib/x86/io.c: serial_init() then serial_put() polling LSR.THRE before each byte."""
+    bus = Bus("pio")
+    out = io.BytesIO()
+    bus.register(COM1_BASE, SERIAL_LENGTH, Serial16550(out))
+    base = COM1_BASE
+    bus.write(base + 3, 1, bus.read(base + 3, 1) | 0x80)
+    bus.write(base + 0, 1, 0x01)
+    bus.write(base + 1, 1, 0x00)
+    bus.write(base + 3, 1, bus.read(base + 3, 1) & ~0x80 & 0xFF)
+    bus.write(base + 1, 1, 0x00)
+    bus.write(base + 3, 1, 0x03)
+    bus.write(base + 2, 1, 0x00)
+    bus.write(base + 4, 1, 0x03)
+    for ch in b"PASS\n":
+        polls = 0
+        while not bus.read(base + 5, 1) & 0x20:
+            polls += 1
+            assert polls < 3
+        if ch == ord("\n"):
+            bus.write(base, 1, ord("\r"))
+        bus.write(base, 1, ch)
+    assert out.getvalue() == b"PASS\r\n"
+    assert bus.unclaimed_reads == 0

@@ -287,13 +287,16 @@ class Pit8254:
         )
 
     def read(self, offset: int, size: int) -> int:
-        if size != 1:
-            self.unexpected_accesses += 1
+        if size == 1 and 0 <= offset < PIT_LENGTH:
+            return self._read_reg(offset)
+        self.unexpected_accesses += 1  # counted, then served byte by byte as on ISA
         return read_bytewise(self._read_reg, offset, size, PIT_LENGTH)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if size != 1:
-            self.unexpected_accesses += 1
+        if size == 1 and 0 <= offset < PIT_LENGTH:
+            self._write_reg(offset, value & 0xFF)
+            return
+        self.unexpected_accesses += 1
         write_bytewise(self._write_reg, offset, size, value, PIT_LENGTH)
 
     def _read_reg(self, reg: int) -> int:
@@ -359,13 +362,16 @@ class SystemControlB:
         self.unexpected_accesses = 0
 
     def read(self, offset: int, size: int) -> int:
-        if size != 1:
-            self.unexpected_accesses += 1
+        if size == 1 and 0 <= offset < SYSTEM_CONTROL_B_LENGTH:
+            return self._read_reg(offset)
+        self.unexpected_accesses += 1  # counted, then served byte by byte as on ISA
         return read_bytewise(self._read_reg, offset, size, SYSTEM_CONTROL_B_LENGTH)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if size != 1:
-            self.unexpected_accesses += 1
+        if size == 1 and 0 <= offset < SYSTEM_CONTROL_B_LENGTH:
+            self._write_reg(offset, value & 0xFF)
+            return
+        self.unexpected_accesses += 1
         write_bytewise(self._write_reg, offset, size, value, SYSTEM_CONTROL_B_LENGTH)
 
     def _read_reg(self, reg: int) -> int:

@@ -139,13 +139,16 @@ class Serial16550:
     # -- bus interface -----------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
-        if size != 1:
-            self.unexpected_accesses += 1  # counted, then served byte by byte as on ISA
+        if size == 1 and 0 <= offset < SERIAL_LENGTH:
+            return self._read_reg(offset)
+        self.unexpected_accesses += 1  # counted, then served byte by byte as on ISA
         return read_bytewise(self._read_reg, offset, size, SERIAL_LENGTH)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if size != 1:
-            self.unexpected_accesses += 1
+        if size == 1 and 0 <= offset < SERIAL_LENGTH:
+            self._write_reg(offset, value & 0xFF)
+            return
+        self.unexpected_accesses += 1
         write_bytewise(self._write_reg, offset, size, value, SERIAL_LENGTH)
 
     # -- registers (serial_ioport_read / serial_ioport_write) ----------------------
