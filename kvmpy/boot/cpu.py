@@ -30,8 +30,18 @@ RFLAGS_RESERVED = 1 << 1
 
 def _flat_segment(selector: int, seg_type: int) -> KvmSegment:
     return KvmSegment(
-        base=0, limit=0xFFFF_FFFF, selector=selector, type=seg_type,
-        present=1, dpl=0, db=1, s=1, l=0, g=1, avl=0, unusable=0,
+        base=0,
+        limit=0xFFFF_FFFF,
+        selector=selector,
+        type=seg_type,
+        present=1,
+        dpl=0,
+        db=1,
+        s=1,
+        l=0,
+        g=1,
+        avl=0,
+        unusable=0,
     )
 
 
@@ -68,14 +78,38 @@ def setup_real_mode_sipi(vcpu: VcpuFd, vector: int) -> None:
     real mode, CS selector = vector << 8, CS base = vector << 12, IP = 0."""
     sregs = vcpu.get_sregs()
     sregs.cs = KvmSegment(
-        base=vector << 12, limit=0xFFFF, selector=vector << 8, type=0xB,
-        present=1, dpl=0, db=0, s=1, l=0, g=0, avl=0, unusable=0,
+        base=vector << 12,
+        limit=0xFFFF,
+        selector=vector << 8,
+        type=0xB,
+        present=1,
+        dpl=0,
+        db=0,
+        s=1,
+        l=0,
+        g=0,
+        avl=0,
+        unusable=0,
     )
     for name in ("ds", "es", "fs", "gs", "ss"):
-        setattr(sregs, name, KvmSegment(
-            base=0, limit=0xFFFF, selector=0, type=0x3,
-            present=1, dpl=0, db=0, s=1, l=0, g=0, avl=0, unusable=0,
-        ))
+        setattr(
+            sregs,
+            name,
+            KvmSegment(
+                base=0,
+                limit=0xFFFF,
+                selector=0,
+                type=0x3,
+                present=1,
+                dpl=0,
+                db=0,
+                s=1,
+                l=0,
+                g=0,
+                avl=0,
+                unusable=0,
+            ),
+        )
     sregs.gdt.base = sregs.idt.base = 0
     sregs.gdt.limit = sregs.idt.limit = 0xFFFF
     sregs.cr0 = CR0_ET
