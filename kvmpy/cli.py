@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.serial = serial_file
     try:
         with Machine(config) as machine:
-            machine.load(image, flat=args.flat)
+            machine.load(image, flat=args.flat, name=str(image_path))
 
             def on_term(signum: int, frame: object) -> None:
                 machine.stop(STATUS_TERMINATED, "terminated (SIGTERM)")

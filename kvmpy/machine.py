@@ -170,16 +170,18 @@ class Machine:
 
     # ---------------------------------------------------------------- loading
 
-    def load(self, image: bytes, *, flat: bool = False) -> BootInfo:
+    def load(self, image: bytes, *, flat: bool = False, name: str | None = None) -> BootInfo:
         """Load a multiboot image (or, with `flat`, a raw 32-bit binary at 1 MiB) and set
-        up the vCPUs to run it."""
+        up the vCPUs to run it. `name` (the image's file name) becomes the first word of
+        the multiboot command line, as QEMU does: kvm-unit-tests reads argv[0] there."""
         mem = self.memory
         cfg = self.config
         if flat:
             boot = load_flat(mem, image)
         elif is_multiboot(image):
             modules = [(cfg.initrd, cfg.initrd_name)] if cfg.initrd is not None else []
-            boot = load_multiboot(mem, image, cmdline=cfg.cmdline, modules=modules)
+            boot = load_multiboot(mem, image, cmdline=cfg.cmdline, modules=modules,
+                                  kernel_name=name)
         else:
             raise ImageError("not a multiboot image (no multiboot header in its first 8 KiB); "
                              "use --flat for a raw binary")

@@ -140,9 +140,9 @@ def test_elf_segments_at_paddr_with_bss_zeroed(mem: GuestMemory) -> None:
     assert mem.read(0x200000, len(data)) == data
     assert mem.read(0x200000 + len(data), 0x2800 - len(data)) == bytes(0x2800 - len(data))
     assert mem.read(0x202800, 0x800) == b"\xaa" * 0x800  # nothing past memsz touched
-    # the info area starts on the first page boundary after the kernel (QEMU's layout)
-    assert info.ebx == 0x203000
-    assert info.image_end > info.ebx
+    # the info area is in low memory at 0x9000, QEMU's MBI address
+    assert info.ebx == 0x9000
+    assert info.image_end == 0x203000 - 0x800
 
 
 def test_elf_loads_at_paddr_not_vaddr(mem: GuestMemory) -> None:
@@ -197,8 +197,18 @@ def test_modules_page_aligned_after_info_with_cmdlines(mem: GuestMemory) -> None
     assert s1 == s0 + 4096 and e1 - s1 == len(blob)
     assert mem.read(s0, len(env)) == env
     assert mem.read(s1, len(blob)) == blob
-    assert info.image_end == e1
-    assert info.ebx == 0x105000
+    assert info.ebx == 0x9000
+    assert e1 < 0x9FC00  # small modules stay in low memory, below the EBDA
+    assert info.image_end == 0x105000
+
+
+def test_large_modules_go_after_the_kernel(mem: GuestMemory) -> None:
+    big = b"m" * (700 * 1024)  # does not fit between 0x9000 and the EBDA
+    info = load_multiboot(mem, elf32([(0x100000, b"k" * 10, 0x5000)]), modules=[(big, "big")])
+    ((s0, e0, _),) = decode_mbi(mem, info.ebx)["mods"]
+    assert s0 == 0x105000 and e0 == s0 + len(big)
+    assert mem.read(s0, len(big)) == big
+    assert info.image_end == e0
 
 
 def test_aout_kludge_uses_header_addresses() -> None:
@@ -213,7 +223,7 @@ def test_aout_kludge_uses_header_addresses() -> None:
     assert info.entry == load_addr + 0x20
     assert mem.read(load_addr, 0x80) == image[:0x80]
     assert mem.read(load_addr + 0x80, 0x1000 - 0x80) == bytes(0x1000 - 0x80)
-    assert info.ebx == load_addr + 0x1000
+    assert info.ebx == 0x9000
 
 
 def test_aout_kludge_without_end_addresses_loads_the_rest_of_the_file() -> None:
@@ -222,7 +232,7 @@ def test_aout_kludge_without_end_addresses_loads_the_rest_of_the_file() -> None:
     image = hdr + b"rest of file" * 10
     info = load_multiboot(mem, image)
     assert mem.read(0x100000, len(image)) == image
-    assert info.ebx == 0x101000
+    assert info.ebx == 0x9000
 
 
 def test_aout_kludge_wins_over_elf_program_headers(mem: GuestMemory) -> None:

@@ -229,6 +229,10 @@ def _mmap(mem: GuestMemory) -> bytes:
     )
 
 
+LOW_INFO_ADDRESS = 0x9000
+LOW_INFO_LIMIT = 0x9FC00  # the EBDA starts here (reserved in the mmap)
+
+
 def load_multiboot(
     mem: GuestMemory,
     image: bytes,
@@ -259,11 +263,12 @@ def load_multiboot(
             f"multiboot needs more than 1 MiB of guest memory, have {mem.size // MiB} MiB"
         )
 
-    # QEMU: mb_buf_phys = elf_low; the info area starts at PAGE_ALIGN(kernel size).
+    # The info structure, mmap and strings go in low memory at 0x9000, as QEMU puts its
+    # MBI there: test kernels (kvm-unit-tests) own everything from their end of image up
+    # as heap and overwrite page 0 during AP bring-up, yet read the MBI again later.
     kernel_low = min(c.gpa for c in kernel)
     kernel_high = max(c.end for c in kernel)
-    info = kernel_low + page_align(kernel_high - kernel_low)
-
+    info = LOW_INFO_ADDRESS
     full_cmdline = cmdline if kernel_name is None else f"{kernel_name} {cmdline}"
     strings = bytearray()
     mods_addr = info + MBI_SIZE
@@ -283,9 +288,16 @@ def load_multiboot(
         for i, (_, mod_cmdline) in enumerate(modules)
     ]
     info_end = strings_addr + len(strings)
+    if info_end > LOW_INFO_LIMIT or kernel_low < info_end:
+        raise ImageError("the multiboot command line and module list are too large")
     mod_table = bytearray()
     mod_chunks = []
-    mod_addr = page_align(info_end)  # QEMU: each module starts on a page boundary
+    # Modules go in low memory after the info when they fit below the EBDA, else after
+    # the kernel; each starts on a page boundary (QEMU).
+    mod_addr = page_align(info_end)
+    mods_end = mod_addr + sum(page_align(len(data)) for data, _ in modules)
+    if mods_end > min(LOW_INFO_LIMIT, kernel_low):
+        mod_addr = page_align(kernel_high)
     for (data, _), mod_cmdline_addr in zip(modules, mod_cmdline_addrs, strict=True):
         mod_table += struct.pack("<4I", mod_addr, mod_addr + len(data), mod_cmdline_addr, 0)
         mod_chunks.append(_Chunk(mod_addr, bytes(data)))
