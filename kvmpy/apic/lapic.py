@@ -580,16 +580,15 @@ class LocalApic:
     def take_sipi(self) -> int | None:
         """Consume a pending SIPI if in wait-for-SIPI: returns its vector (the AP starts
         at vector << 12) and leaves the wait state. A SIPI with no INIT behind it and no
-        wait state is stale and dropped."""
-        if not self.sipi_pending:
-            return None
+        wait state is stale and dropped; with an INIT pending, take_init comes first."""
+        if not self.sipi_pending or self.init_pending:
+            return None  # nothing, or an INIT to process first
         if self.wait_for_sipi:
             self.sipi_pending = False
             self.wait_for_sipi = False
             self._stats["sipi"] += 1
             return self.sipi_vector
-        if not self.init_pending:
-            self.sipi_pending = False
+        self.sipi_pending = False
         return None
 
     def set_cr8(self, cr8: int) -> None:
