@@ -6,12 +6,14 @@ from kvmpy.apic import (
     MSR_APIC_BASE,
     MSR_X2APIC_ICR,
     MSR_X2APIC_SELF_IPI,
+    ApicBus,
     ApicGP,
     ApicMode,
+    LocalApic,
 )
 from kvmpy.apic import constants as c
 from kvmpy.apic.registers import REGISTERS, offset_to_msr
-from kvmpy.apic.testing import make_system
+from kvmpy.apic.testing import FakeClock, make_system
 
 # Every x2APIC MSR access that must #GP. (what, SDM section, msr, value or None = read)
 GP_CASES = [
@@ -139,11 +141,9 @@ def test_non_apic_msr_gp():
 @pytest.mark.parametrize("apic_id", [0, 1, 15, 16, 17, 35, 300])
 def test_x2apic_id_and_ldr(apic_id):
     """SDM 10.12.5.1 (ID = x2APIC ID) and 10.12.10.2 (LDR = cluster<<16 | 1<<(id&15))."""
-    s = make_system(1, x2apic=False)
-    from kvmpy.apic import ApicBus, LocalApic
-
+    clock = FakeClock()
     bus = ApicBus(lambda i: None)
-    apic = LocalApic(apic_id, bus, bsp=False, clock_ns=s.clock.ns, tsc=s.clock.tsc, tsc_hz=10**9)
+    apic = LocalApic(apic_id, bus, bsp=False, clock_ns=clock.ns, tsc=clock.tsc, tsc_hz=10**9)
     bus.add(apic)
     assert apic.mmio_read(c.REG_ID, 4) == (apic_id & 0xFF) << 24
     apic.wrmsr(MSR_APIC_BASE, apic.rdmsr(MSR_APIC_BASE) | c.APIC_BASE_EXTD)

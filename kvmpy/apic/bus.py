@@ -14,6 +14,8 @@ Choices where the SDM leaves room (each documented in the function that makes it
 - invalid shorthand/delivery-mode combinations of SDM Table 10-3 are delivered
   anyway (Linux sends NMIs with the all-including-self shorthand), as KVM does;
 - delivery modes 011 and 111 are reserved in the ICR: dropped and counted;
+- delivery mode 001 from an x2APIC ICR (marked reserved in the SDM x2APIC figure) is
+  lowest priority, as in KVM;
 - globally disabled APICs (IA32_APIC_BASE.EN=0) are not on the bus: they match no
   destination.
 """
