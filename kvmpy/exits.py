@@ -185,11 +185,14 @@ def handle_wrmsr(vcpu: Vcpu, exit: Exit) -> None:
     if apic is not None and _is_apic_msr(index):
         try:
             apic.wrmsr(index, value)
-            view.u8[kr.MSR_ERROR] = 0
-            vcpu.sync_timer()
-            return
         except ApicGP:
-            pass
+            view.u8[kr.MSR_ERROR] = 1
+            return
+        view.u8[kr.MSR_ERROR] = 0
+        if index == MSR_APIC_BASE:
+            vcpu.apic_base_changed()
+        vcpu.sync_timer()
+        return
     view.u8[kr.MSR_ERROR] = 1
 
 

@@ -116,6 +116,8 @@ class Machine:
             self.apic_bus = ApicBus(self._notify_vcpu)
             self.vcpus: list[Vcpu] = []
             supported = self.kvm.supported_cpuid()
+            maxphyaddr = next((e.eax & 0xFF for e in supported if e.function == 0x80000008),
+                              36)
             for i in range(config.cpus):
                 fd = self.vm.create_vcpu(i)
                 fd.set_cpuid(guest_cpuid(supported, i, config.cpus))
@@ -123,7 +125,11 @@ class Machine:
                 apic = LocalApic(
                     i, self.apic_bus, bsp=(i == 0), clock_ns=time.monotonic_ns,
                     tsc=_guest_tsc_clock(fd, self.tsc_hz), tsc_hz=self.tsc_hz,
+                    maxphyaddr=maxphyaddr,
                 )
+                fd_sregs = fd.get_sregs()  # KVM's view of IA32_APIC_BASE starts as ours
+                fd_sregs.apic_base = apic.apic_base
+                fd.set_sregs(fd_sregs)
                 self.apic_bus.add(apic)
                 vcpu = Vcpu(self, i, fd, apic, fastpath=config.fastpath,
                             stats=ExitStats(config.record_time))
@@ -319,10 +325,13 @@ class Machine:
         vcpu.apic.take_sipi()  # a SIPI latched before this INIT is stale
 
     def poll_sipi(self, vcpu: Vcpu) -> None:
-        """In wait-for-SIPI: start the vCPU in real mode at vector << 12 on a SIPI."""
+        """In wait-for-SIPI: start the vCPU in real mode at vector << 12 on a SIPI.
+
+        An INIT received meanwhile just resets the APIC and keeps waiting; a SIPI that
+        came with it is checked in the same pass, so nothing pending is left behind
+        when the vCPU goes back to sleep."""
         apic = vcpu.apic
-        if apic.take_init():
-            return
+        apic.take_init()
         vector = apic.take_sipi()
         if vector is not None:
             setup_real_mode_sipi(vcpu.fd, vector)

@@ -270,6 +270,15 @@ class Vcpu:
             machine.note_blocked(self, False)
             self.mode = VcpuMode.OUTSIDE_GUEST
 
+    def apic_base_changed(self) -> None:
+        """Tell KVM the new IA32_APIC_BASE through KVM_SET_SREGS: KVM's
+        kvm_lapic_set_base() then updates CPUID.1:EDX.APIC to follow the enable bit
+        (SDM 10.4.3), which a guest's CPUID must show."""
+        sregs = self.fd.get_sregs()
+        if sregs.apic_base != self.apic.apic_base:
+            sregs.apic_base = self.apic.apic_base
+            self.fd.set_sregs(sregs)
+
     def halt(self) -> None:
         """KVM_EXIT_HLT: no in-kernel irqchip, so the halt is ours to implement."""
         self.state = VcpuState.HALTED
