@@ -82,7 +82,10 @@ class LocalApic:
         self._lvt = [c.LVT_MASKED] * c.LVT_COUNT
 
         # Pending non-vectored events (plain attribute stores; see module docstring).
-        self.nmi_pending = False
+        # NMIs are counted, not latched in a flag: KVM (kvm_inject_nmi, process_nmi)
+        # keeps up to two, one being serviced and one pending behind it, and
+        # kvm-unit-tests' "multiple nmi" relies on it. pending = received - taken.
+        self._nmi_taken = 0
         self.smi_pending = False
         self.init_pending = False
         self.sipi_pending = False
@@ -486,8 +489,11 @@ class LocalApic:
 
     def accept_nmi(self) -> None:
         """NMI message (SDM 10.6.1): bypasses IRR/ISR; accepted even if SVR-disabled."""
-        self.nmi_pending = True
         self._rx_nmi.inc()
+
+    @property
+    def nmi_pending(self) -> bool:
+        return self._rx_nmi.value > self._nmi_taken
 
     def accept_smi(self) -> None:
         """SMI message: latched as a pending flag (no SMM is modelled)."""
@@ -549,9 +555,10 @@ class LocalApic:
                 self.on_level_eoi(vector)
 
     def take_nmi(self) -> bool:
-        """Consume a pending NMI (at most one is latched)."""
-        if self.nmi_pending:
-            self.nmi_pending = False
+        """Consume one pending NMI (the VMM injects each with KVM_NMI, and KVM itself
+        collapses what is beyond one in service plus one pending)."""
+        if self._rx_nmi.value > self._nmi_taken:
+            self._nmi_taken += 1
             return True
         return False
 
@@ -571,7 +578,7 @@ class LocalApic:
         if not self.init_pending:
             return False
         self.init_pending = False
-        self.nmi_pending = False
+        self._nmi_taken = self._rx_nmi.value  # pending NMIs are dropped
         self._reset_registers()
         self.wait_for_sipi = not self.bsp
         self._stats["init"] += 1
