@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the serial console to FILE instead of stdout")
     run.add_argument("--no-fastpath", dest="fastpath", action="store_false",
                      help="send every ICR write through the ordinary exit dispatch")
+    run.add_argument("--irqchip", choices=("user", "kernel"), default="user",
+                     help="user: kvmpy's local APIC (default); kernel: KVM's in-kernel "
+                     "irqchip, the reference")
     run.add_argument("--stat", action="store_true",
                      help="print exit statistics when the VM ends")
     run.add_argument("--timeout", type=float, metavar="SECONDS",
@@ -90,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = MachineConfig(
         cpus=parse_cpus(args.cpus), memory=parse_size(args.memory), cmdline=args.append,
         initrd=initrd, initrd_name=args.initrd or "", fastpath=args.fastpath,
+        irqchip=args.irqchip,
     )
     serial_file = None
     if args.serial:

@@ -63,6 +63,7 @@ class MachineConfig:
     serial: BinaryIO | None = None  # None: the process's stdout
     fastpath: bool = True
     ap_start: str = "sipi"  # "sipi": APs wait for INIT-SIPI; "entry": all start at entry
+    irqchip: str = "user"  # "user": kvmpy's APIC; "kernel": KVM's in-kernel irqchip
     record_time: bool = True
     kvm_path: str = "/dev/kvm"
 
@@ -73,6 +74,8 @@ class MachineConfig:
             raise KvmpyError(
                 f"--memory must be at least 1M and a multiple of 4K, got {self.memory} bytes"
             )
+        if self.irqchip not in ("user", "kernel"):
+            raise KvmpyError(f"--irqchip must be 'user' or 'kernel', got {self.irqchip!r}")
         if self.ap_start not in ("sipi", "entry"):
             raise KvmpyError(f"ap_start must be 'sipi' or 'entry', got {self.ap_start!r}")
 
@@ -104,6 +107,7 @@ class Machine:
         self._blocked_lock = threading.Lock()
         self._started = False
         self.timers = TimerService()
+        self.kernel_irqchip = config.irqchip == "kernel"
         self.vm = self.kvm.create_vm()
         try:
             self._setup_vm()
@@ -122,16 +126,18 @@ class Machine:
                 fd = self.vm.create_vcpu(i)
                 fd.set_cpuid(guest_cpuid(supported, i, config.cpus))
                 self.tsc_hz = fd.get_tsc_khz() * 1000
-                apic = LocalApic(
-                    i, self.apic_bus, bsp=(i == 0), clock_ns=time.monotonic_ns,
-                    tsc=_guest_tsc_clock(fd, self.tsc_hz), tsc_hz=self.tsc_hz,
-                    maxphyaddr=maxphyaddr,
-                )
-                fd_sregs = fd.get_sregs()  # KVM's view of IA32_APIC_BASE starts as ours
-                fd_sregs.apic_base = apic.apic_base
-                fd.set_sregs(fd_sregs)
-                self.apic_bus.add(apic)
-                vcpu = Vcpu(self, i, fd, apic, fastpath=config.fastpath,
+                apic: LocalApic | None = None
+                if not self.kernel_irqchip:
+                    apic = LocalApic(
+                        i, self.apic_bus, bsp=(i == 0), clock_ns=time.monotonic_ns,
+                        tsc=_guest_tsc_clock(fd, self.tsc_hz), tsc_hz=self.tsc_hz,
+                        maxphyaddr=maxphyaddr,
+                    )
+                    fd_sregs = fd.get_sregs()  # KVM's view of IA32_APIC_BASE starts as ours
+                    fd_sregs.apic_base = apic.apic_base
+                    fd.set_sregs(fd_sregs)
+                    self.apic_bus.add(apic)
+                vcpu = Vcpu(self, i, fd, apic, fastpath=config.fastpath and apic is not None,
                             stats=ExitStats(config.record_time))
                 self.vcpus.append(vcpu)
         except BaseException:
@@ -147,13 +153,17 @@ class Machine:
         except OSError:
             pass  # not needed on every backend
         vm.set_tss_addr(TSS_ADDRESS)
-        # No in-kernel irqchip: x2APIC MSRs (0x800-0x8ff) exit as INVAL, IA32_APIC_BASE
-        # and TSC_DEADLINE are denied by the filter so reads and writes both exit.
         vm.enable_cap(
             k.KVM_CAP_X86_USER_SPACE_MSR,
             k.KVM_MSR_EXIT_REASON_INVAL | k.KVM_MSR_EXIT_REASON_UNKNOWN
             | k.KVM_MSR_EXIT_REASON_FILTER,
         )
+        if self.kernel_irqchip:
+            # The reference: KVM's own PIC/IOAPIC/LAPIC, x2APIC and fastpath.
+            vm.create_irqchip()
+            return
+        # No in-kernel irqchip: x2APIC MSRs (0x800-0x8ff) exit as INVAL, IA32_APIC_BASE
+        # and TSC_DEADLINE are denied by the filter so reads and writes both exit.
         from kvmpy.apic import MSR_APIC_BASE, MSR_TSC_DEADLINE
 
         vm.set_msr_filter([MSR_APIC_BASE, MSR_TSC_DEADLINE])
@@ -196,6 +206,10 @@ class Machine:
             if vcpu.index == 0 or self.config.ap_start == "entry":
                 setup_protected_mode(vcpu.fd, entry=boot.entry, eax=boot.eax, ebx=boot.ebx)
                 vcpu.state = VcpuState.RUNNABLE
+                if self.kernel_irqchip:
+                    vcpu.fd.set_mp_state(k.KVM_MP_STATE_RUNNABLE)
+            elif self.kernel_irqchip:
+                vcpu.state = VcpuState.RUNNABLE  # KVM_RUN blocks in-kernel until INIT-SIPI
             else:
                 vcpu.state = VcpuState.WAIT_FOR_SIPI
         return boot
@@ -349,6 +363,8 @@ class Machine:
         if time.monotonic() - self._blocked_since < HUNG_GRACE_S:
             return False
         for vcpu in self.vcpus:
+            if vcpu.apic is None:
+                return False  # in-kernel irqchip: HLT never reaches kvmpy
             if vcpu._timer_deadline is not None or vcpu.apic.has_pending_events():
                 return False
         return self._blocked == len(self.vcpus)
