@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "irqchip, the reference")
     run.add_argument("--stat", action="store_true",
                      help="print exit statistics when the VM ends")
+    run.add_argument("--plot", metavar="FILE.png",
+                     help="draw handling-time histograms (fastpath vs slow path) to FILE.png")
     run.add_argument("--timeout", type=float, metavar="SECONDS",
                      help="stop the VM after this many seconds")
 
@@ -118,6 +120,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 from kvmpy.report import print_exit_table
 
                 print_exit_table(result.stats, file=sys.stderr)
+            if args.plot:
+                from kvmpy.plot import plot_exit_histograms
+
+                plot_exit_histograms(result.stats, args.plot, title=image_path.name)
             return result.status
     finally:
         if serial_file is not None:
