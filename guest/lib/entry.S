@@ -74,11 +74,15 @@ gdt:
 gdt_end:
     .align 4
     .word 0
+    .globl kvmpy_gdt_descr              /* for the AP trampoline (trampoline.S) */
+kvmpy_gdt_descr:
 gdt_descr:
     .word gdt_end - gdt - 1
     .long gdt
 
     .align 4
+    .globl kvmpy_cpu_count              /* APs started by SIPI claim indexes here too */
+kvmpy_cpu_count:
 cpu_count:
     .long 0
 runtime_ready:

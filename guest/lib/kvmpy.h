@@ -191,6 +191,10 @@ typedef void (*interrupt_handler)(struct frame *);
  * EIP and exits with 0x7f (unless a *_safe call is recovering from a fault). */
 extern interrupt_handler handler[256];
 
+/* Loads the runtime's IDT on this CPU (the entry point does it; APs started by SIPI
+ * call it themselves). */
+void kvmpy_load_idt(void);
+
 /* The vector of the fault the instruction raised (13 for #GP), or 0. */
 int wrmsr_safe(u32 msr, u64 val);
 int rdmsr_safe(u32 msr, u64 *val);

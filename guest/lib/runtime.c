@@ -43,14 +43,19 @@ void kvmpy_runtime_init(void)
     }
 }
 
+void kvmpy_load_idt(void)
+{
+    struct idt_descr d = { sizeof(idt) - 1, (u32)idt };
+
+    asm volatile("lidt %0" : : "m"(d));
+}
+
 void kvmpy_runtime_start(u32 cpu, struct multiboot_info *mbi) __attribute__((noreturn));
 
 void kvmpy_runtime_start(u32 cpu, struct multiboot_info *mbi)
 {
-    struct idt_descr d = { sizeof(idt) - 1, (u32)idt };
-
     (void)cpu;
-    asm volatile("lidt %0" : : "m"(d));
+    kvmpy_load_idt();
     exit(main(mbi));
 }
 
