@@ -184,6 +184,7 @@ def handle_rdmsr(vcpu: Vcpu, exit: Exit) -> None:
     index = exit[1]
     view = vcpu.view
     apic = vcpu.apic
+    vcpu.stats.count_msr("rd", index)
     if apic is not None and _is_apic_msr(index):
         try:
             view.u64[kr.MSR_DATA] = apic.rdmsr(index) & 0xFFFF_FFFF_FFFF_FFFF
@@ -191,7 +192,6 @@ def handle_rdmsr(vcpu: Vcpu, exit: Exit) -> None:
             return
         except ApicGP:
             pass
-    vcpu.stats.msr_writes[-index - 1] = vcpu.stats.msr_writes.get(-index - 1, 0) + 1
     view.u8[kr.MSR_ERROR] = 1
 
 
@@ -202,8 +202,7 @@ def handle_wrmsr(vcpu: Vcpu, exit: Exit) -> None:
     _, index, value, _ = exit
     view = vcpu.view
     apic = vcpu.apic
-    stats = vcpu.stats
-    stats.msr_writes[index] = stats.msr_writes.get(index, 0) + 1
+    vcpu.stats.count_msr("wr", index)
     if apic is not None and _is_apic_msr(index):
         try:
             apic.wrmsr(index, value)

@@ -17,6 +17,7 @@ MAX_REASON = 64
 SUB_BITS = 3
 SUB = 1 << SUB_BITS
 NBUCKETS = 64 * SUB
+MAX_MSR_KEYS = 256
 
 
 def bucket_of(ns: int) -> int:
@@ -58,7 +59,8 @@ class Histogram:
         self.total += other.total
 
     def percentile(self, p: float) -> int:
-        """The lower bound of the bucket holding the p-th percentile (0 if empty)."""
+        """The middle of the bucket holding the p-th percentile (0 if empty): within
+        about 6% of the true value."""
         if not self.count:
             return 0
         rank = max(1, round(self.count * p / 100.0))
@@ -66,7 +68,7 @@ class Histogram:
         for i, n in enumerate(self.buckets):
             seen += n
             if seen >= rank:
-                return bucket_floor(i)
+                return (bucket_floor(i) + bucket_floor(i + 1)) // 2
         return bucket_floor(NBUCKETS - 1)
 
 
@@ -80,8 +82,17 @@ class ExitStats:
         self.fast = [0] * MAX_REASON
         self.fast_time = [Histogram() for _ in range(MAX_REASON)]
         self.slow_time = [Histogram() for _ in range(MAX_REASON)]
-        self.msr_writes: dict[int, int] = {}
+        # Slow-path MSR accesses by index (reads as ("rd", index)). The guest picks the
+        # index, so the table is bounded: past MAX_MSR_KEYS distinct ones, "other".
+        self.msr_accesses: dict[tuple[str, int] | str, int] = {}
         self.delivery_failures = 0
+
+    def count_msr(self, op: str, index: int) -> None:
+        table = self.msr_accesses
+        key: tuple[str, int] | str = (op, index)
+        if key not in table and len(table) >= MAX_MSR_KEYS:
+            key = "other"
+        table[key] = table.get(key, 0) + 1
 
     def merge(self, other: ExitStats) -> None:
         for r in range(MAX_REASON):
@@ -89,8 +100,10 @@ class ExitStats:
             self.fast[r] += other.fast[r]
             self.fast_time[r].merge(other.fast_time[r])
             self.slow_time[r].merge(other.slow_time[r])
-        for k, v in other.msr_writes.items():
-            self.msr_writes[k] = self.msr_writes.get(k, 0) + v
+        for k, v in other.msr_accesses.items():
+            if k not in self.msr_accesses and len(self.msr_accesses) >= MAX_MSR_KEYS:
+                k = "other"
+            self.msr_accesses[k] = self.msr_accesses.get(k, 0) + v
         self.delivery_failures += other.delivery_failures
 
 
