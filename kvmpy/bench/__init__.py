@@ -1,0 +1,1 @@
+"""Benchmarks of kvmpy's exit path (`python -m kvmpy.bench.floor`)."""
