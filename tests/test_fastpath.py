@@ -1,0 +1,532 @@
+"""The exit fastpath (`handle_exit_irqoff`) and the slow dispatch (`handle_exit`), with a
+fake vCPU around real local APICs: the `kvm_x2apic_icr_write_fast` contract (reserved
+bits first, no side effect on failure, #GP from the slow path), every delivery mode and
+destination form, SELF_IPI, the xAPIC ICR MMIO write, fastpath on vs off, the
+`Fastpath` enum, and the rule that no vCPU-wide exit reason exists (DESIGN.md rules 1-6)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import mmap
+import textwrap
+
+import pytest
+
+from kvmpy import vcpu as vcpu_module
+from kvmpy.apic import (
+    APIC_DEFAULT_BASE,
+    DM_FIXED,
+    DM_INIT,
+    DM_LOWEST,
+    DM_NMI,
+    DM_SIPI,
+    DM_SMI,
+    ICR_DEST_LOGICAL,
+    ICR_LEVEL_ASSERT,
+    ICR_TRIGGER_LEVEL,
+    MSR_TSC_DEADLINE,
+    MSR_X2APIC_ICR,
+    MSR_X2APIC_SELF_IPI,
+    SH_ALL,
+    SH_ALL_BUT,
+    SH_NONE,
+    SH_SELF,
+    X2APIC_ICR_RESERVED,
+)
+from kvmpy.apic import constants as c
+from kvmpy.apic.testing import ApicSystem, make_system
+from kvmpy.exits import Fastpath, handle_exit, handle_exit_irqoff
+from kvmpy.kvm import ioctls as k
+from kvmpy.kvm import run as kr
+from kvmpy.kvm.run import RunView
+from kvmpy.trace import ExitStats
+from kvmpy.vcpu import Exit, Vcpu
+
+V = 0x61
+NCPUS = 4
+MSR_X2APIC_ICR2 = 0x831
+MSR_X2APIC_DFR = 0x80E
+MSR_X2APIC_LVT_TIMER = 0x832
+XAPIC_ICR = APIC_DEFAULT_BASE + 0x300
+RESERVED_BITS = [13, 16, 17, *range(20, 32)]
+
+
+# ---------------------------------------------------------------- fakes
+
+
+class TrapLock:
+    """A lock that fails the test if anyone enters it while `armed`."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.entered = 0
+
+    def _enter(self) -> None:
+        if self.armed:
+            pytest.fail("the fastpath took machine.exit_lock")
+        self.entered += 1
+
+    def acquire(self, *args: object) -> bool:
+        self._enter()
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> TrapLock:
+        self._enter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class RecordingBus:
+    """A device bus that records what reaches it."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, int, int]] = []
+        self.reads: list[tuple[int, int]] = []
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        self.writes.append((addr, size, value))
+
+    def read(self, addr: int, size: int) -> int:
+        self.reads.append((addr, size))
+        return 0
+
+
+class FakeMachine:
+    def __init__(self) -> None:
+        self.exit_lock = TrapLock()
+        self.pio_bus = RecordingBus()
+        self.mmio_bus = RecordingBus()
+        self.crashes: list[str] = []
+        self.stops: list[tuple[int, str]] = []
+
+    def guest_crash(self, vcpu: object, what: str) -> None:
+        self.crashes.append(what)
+
+    def stop(self, status: int, message: str) -> None:
+        self.stops.append((status, message))
+
+
+class FakeVcpu:
+    """The attributes exits.py uses, around a real LocalApic and a real RunView."""
+
+    def __init__(self, system: ApicSystem, index: int = 0, *, fastpath: bool = True) -> None:
+        self.apic = system[index]
+        self.index = index
+        self.fastpath_enabled = fastpath
+        self.mapping = mmap.mmap(-1, 4096)
+        self.view = RunView(self.mapping)
+        self.stats = ExitStats(False)
+        self.machine = FakeMachine()
+        self.timer_syncs = 0
+        self.base_changes = 0
+        self.halts = 0
+
+    def sync_timer(self) -> None:
+        self.timer_syncs += 1
+
+    def apic_base_changed(self) -> None:
+        self.base_changes += 1
+
+    def halt(self) -> None:
+        self.halts += 1
+
+
+def fast(vcpu: FakeVcpu, exit: Exit) -> Fastpath:
+    """handle_exit_irqoff with the exit lock armed to fail, and its result type checked."""
+    lock = vcpu.machine.exit_lock
+    lock.armed = True
+    try:
+        result = handle_exit_irqoff(vcpu, exit)
+    finally:
+        lock.armed = False
+    assert type(result) is Fastpath, f"fastpath returned {result!r}"
+    return result
+
+
+def run_exit(vcpu: FakeVcpu, exit: Exit) -> Fastpath:
+    """What Vcpu.run_loop does with one exit: fastpath, then the slow path if needed."""
+    fp = fast(vcpu, exit)
+    if fp is not Fastpath.REENTER_GUEST:
+        with vcpu.machine.exit_lock:
+            handle_exit(vcpu, exit, fp)
+    return fp
+
+
+def wrmsr(index: int, value: int) -> Exit:
+    return Exit((k.KVM_EXIT_X86_WRMSR, index, value, 0))
+
+
+def mmio_write(vcpu: FakeVcpu, addr: int, size: int, value: int) -> Exit:
+    vcpu.view.u8[kr.MMIO_DATA : kr.MMIO_DATA + 8] = value.to_bytes(8, "little")
+    return Exit((k.KVM_EXIT_MMIO, addr, size, 1))
+
+
+def icr(dm: int = DM_FIXED, vector: int = V, sh: int = SH_NONE, *, dest: int = 0,
+        logical: bool = False, extra: int = 0) -> int:
+    return (dest << 32) | vector | (dm << 8) | (sh << 18) | (ICR_DEST_LOGICAL if logical else 0) \
+        | extra
+
+
+def snapshot(system: ApicSystem) -> list[tuple]:
+    """Everything a delivery can change in each APIC."""
+    return [
+        (bytes(a.irr), a.nmi_pending, a.init_pending, a.sipi_pending, a.sipi_vector,
+         a.smi_pending)
+        for a in system.apics
+    ]
+
+
+def expected(system: ApicSystem, events: dict[int, tuple[str, int]]) -> list[tuple]:
+    """`snapshot` of `system` after delivering `events` ({index: (kind, vector)})."""
+    out = []
+    for i, (irr, nmi, init, sipi, sipi_vector, smi) in enumerate(snapshot(system)):
+        irr = bytearray(irr)
+        kind, vector = events.get(i, ("", 0))
+        if kind == "fixed":
+            irr[vector] = 1
+        nmi = nmi or kind == "nmi"
+        init = init or kind == "init"
+        smi = smi or kind == "smi"
+        if kind == "sipi":
+            sipi, sipi_vector = True, vector
+        out.append((bytes(irr), nmi, init, sipi, sipi_vector, smi))
+    return out
+
+
+def each(indices: object, kind: str, vector: int = V) -> dict[int, tuple[str, int]]:
+    return {i: (kind, vector) for i in indices}  # type: ignore[attr-defined]
+
+
+# The x2APIC ICR writes of APIC 0 to APICs 0-3 (x2APIC IDs 0-3, all in logical cluster 0
+# with logical bits 1 << ID), and where each must land.
+ALL, OTHERS = range(NCPUS), range(1, NCPUS)
+ICR_CASES = [
+    ("fixed physical", icr(dest=1), each([1], "fixed")),
+    ("fixed physical to self", icr(dest=0), each([0], "fixed")),
+    ("fixed, level assert (delivered edge)",
+     icr(dest=3, extra=ICR_TRIGGER_LEVEL | ICR_LEVEL_ASSERT), each([3], "fixed")),
+    ("fixed, delivery-status bit 12 set", icr(dest=2, extra=1 << 12), each([2], "fixed")),
+    ("lowest physical", icr(DM_LOWEST, dest=2), each([2], "fixed")),
+    ("NMI physical", icr(DM_NMI, 0, dest=1), each([1], "nmi", 0)),
+    ("INIT physical", icr(DM_INIT, 0, dest=2, extra=ICR_LEVEL_ASSERT), each([2], "init", 0)),
+    ("SIPI physical", icr(DM_SIPI, 0x9A, dest=3), each([3], "sipi", 0x9A)),
+    ("SMI physical", icr(DM_SMI, 0, dest=1), each([1], "smi", 0)),
+    ("fixed logical", icr(dest=0b1010, logical=True), each([1, 3], "fixed")),
+    ("lowest logical (PPR tie: lowest index)", icr(DM_LOWEST, dest=0b1100, logical=True),
+     each([2], "fixed")),
+    ("NMI logical", icr(DM_NMI, 0, dest=0b0110, logical=True), each([1, 2], "nmi", 0)),
+    ("INIT logical", icr(DM_INIT, 0, dest=0b1000, logical=True, extra=ICR_LEVEL_ASSERT),
+     each([3], "init", 0)),
+    ("SIPI logical", icr(DM_SIPI, 0x12, dest=0b0010, logical=True), each([1], "sipi", 0x12)),
+    ("SMI logical", icr(DM_SMI, 0, dest=0b1001, logical=True), each([0, 3], "smi", 0)),
+    ("logical, empty cluster", icr(dest=(1 << 16) | 1, logical=True), {}),
+    ("physical, no such APIC", icr(dest=7), {}),
+    ("shorthand self", icr(sh=SH_SELF, dest=3), each([0], "fixed")),
+    ("shorthand all", icr(sh=SH_ALL), each(ALL, "fixed")),
+    ("shorthand all-but", icr(sh=SH_ALL_BUT), each(OTHERS, "fixed")),
+    ("shorthand all-but, lowest", icr(DM_LOWEST, sh=SH_ALL_BUT), each([1], "fixed")),
+    ("shorthand all-but, NMI", icr(DM_NMI, 0, sh=SH_ALL_BUT), each(OTHERS, "nmi", 0)),
+    ("shorthand all-but, INIT", icr(DM_INIT, 0, sh=SH_ALL_BUT, extra=ICR_LEVEL_ASSERT),
+     each(OTHERS, "init", 0)),
+    ("shorthand all-but, SIPI", icr(DM_SIPI, 0x10, sh=SH_ALL_BUT), each(OTHERS, "sipi", 0x10)),
+    ("shorthand all, SMI", icr(DM_SMI, 0, sh=SH_ALL), each(ALL, "smi", 0)),
+    ("broadcast physical", icr(dest=0xFFFF_FFFF), each(ALL, "fixed")),
+    ("broadcast logical", icr(dest=0xFFFF_FFFF, logical=True), each(ALL, "fixed")),
+    ("broadcast NMI", icr(DM_NMI, 0, dest=0xFFFF_FFFF), each(ALL, "nmi", 0)),
+    ("broadcast lowest (PPR tie: lowest index)", icr(DM_LOWEST, dest=0xFFFF_FFFF),
+     each([0], "fixed")),
+]
+CASE_IDS = [name for name, _, _ in ICR_CASES]
+VALID_ICRS = [value for _, value, _ in ICR_CASES]
+
+
+def x2apic_vcpu(*, fastpath: bool = True) -> tuple[ApicSystem, FakeVcpu]:
+    system = make_system(NCPUS, x2apic=True)
+    return system, FakeVcpu(system, 0, fastpath=fastpath)
+
+
+# ---------------------------------------------------------------- x2APIC ICR, valid writes
+
+
+@pytest.mark.parametrize(("name", "value", "events"), ICR_CASES, ids=CASE_IDS)
+def test_valid_x2apic_icr_write_is_handled_on_the_fastpath(name, value, events):
+    system, vcpu = x2apic_vcpu()
+    want = expected(system, events)
+    assert fast(vcpu, wrmsr(MSR_X2APIC_ICR, value)) is Fastpath.REENTER_GUEST
+    assert snapshot(system) == want
+    assert sorted(set(system.notified)) == sorted(events)
+    assert system[0].rdmsr(MSR_X2APIC_ICR) == value & ~(1 << 12)
+    assert vcpu.view.u8[kr.MSR_ERROR] == 0
+    assert vcpu.machine.exit_lock.entered == 0
+
+
+@pytest.mark.parametrize("value", VALID_ICRS, ids=CASE_IDS)
+def test_fastpath_off_delivers_the_same_ipi_on_the_slow_path(value):
+    fast_sys, fast_vcpu = x2apic_vcpu(fastpath=True)
+    slow_sys, slow_vcpu = x2apic_vcpu(fastpath=False)
+    exit = wrmsr(MSR_X2APIC_ICR, value)
+    assert run_exit(fast_vcpu, exit) is Fastpath.REENTER_GUEST
+    assert run_exit(slow_vcpu, exit) is Fastpath.NONE
+    assert slow_vcpu.machine.exit_lock.entered == 1  # the slow path ran under the lock
+    assert snapshot(slow_sys) == snapshot(fast_sys)
+    assert slow_sys.notified == fast_sys.notified
+    assert slow_sys[0].rdmsr(MSR_X2APIC_ICR) == fast_sys[0].rdmsr(MSR_X2APIC_ICR)
+    assert slow_vcpu.view.u8[kr.MSR_ERROR] == 0
+
+
+# ---------------------------------------------------------------- reserved bits: #GP
+
+
+@pytest.mark.parametrize("bit", RESERVED_BITS)
+@pytest.mark.parametrize("base", [icr(dest=1), icr(DM_NMI, 0, sh=SH_ALL_BUT),
+                                  icr(dest=0xFFFF_FFFF), icr(DM_SIPI, 0x20, dest=2)],
+                         ids=["fixed", "nmi-all-but", "broadcast", "sipi"])
+def test_reserved_icr_bit_falls_back_with_no_side_effect_then_gp(bit, base):
+    assert X2APIC_ICR_RESERVED & (1 << bit)
+    system, vcpu = x2apic_vcpu()
+    previous = icr(dest=2, vector=0x77)
+    system[0].wrmsr(MSR_X2APIC_ICR, previous)
+    system.notified.clear()
+    before, stats_before = snapshot(system), [a.stats for a in system.apics]
+
+    exit = wrmsr(MSR_X2APIC_ICR, base | (1 << bit))
+    assert fast(vcpu, exit) is Fastpath.NONE
+    assert snapshot(system) == before
+    assert [a.stats for a in system.apics] == stats_before
+    assert system.notified == []
+    assert system[0].rdmsr(MSR_X2APIC_ICR) == previous
+    assert vcpu.view.u8[kr.MSR_ERROR] == 0
+
+    handle_exit(vcpu, exit, Fastpath.NONE)
+    assert vcpu.view.u8[kr.MSR_ERROR] == 1
+    assert snapshot(system) == before
+    assert system.notified == []
+    assert system[0].rdmsr(MSR_X2APIC_ICR) == previous
+
+
+def test_icr_write_outside_x2apic_mode_is_gp():
+    system = make_system(2, x2apic=False)
+    vcpu = FakeVcpu(system, 0)
+    exit = wrmsr(MSR_X2APIC_ICR, icr(dest=1))
+    assert fast(vcpu, exit) is Fastpath.NONE
+    handle_exit(vcpu, exit, Fastpath.NONE)
+    assert vcpu.view.u8[kr.MSR_ERROR] == 1
+    assert not system[1].irr[V] and system.notified == []
+
+
+@pytest.mark.parametrize("msr", [MSR_X2APIC_ICR2, MSR_X2APIC_DFR], ids=["ICR2", "DFR"])
+@pytest.mark.parametrize("value", [0, 1, 0xFFFF_FFFF])
+def test_icr2_and_dfr_writes_gp_on_the_slow_path(msr, value):
+    system, vcpu = x2apic_vcpu()
+    before = snapshot(system)
+    exit = wrmsr(msr, value)
+    assert fast(vcpu, exit) is Fastpath.NONE
+    handle_exit(vcpu, exit, Fastpath.NONE)
+    assert vcpu.view.u8[kr.MSR_ERROR] == 1
+    assert snapshot(system) == before and system.notified == []
+
+
+# ---------------------------------------------------------------- SELF_IPI, TSC deadline
+
+
+@pytest.mark.parametrize("vector", [0x20, V, 0xFF])
+def test_self_ipi_on_the_fastpath(vector):
+    system, vcpu = x2apic_vcpu()
+    want = expected(system, {0: ("fixed", vector)})
+    assert fast(vcpu, wrmsr(MSR_X2APIC_SELF_IPI, vector)) is Fastpath.REENTER_GUEST
+    assert snapshot(system) == want
+    assert system.notified == [0]
+
+
+@pytest.mark.parametrize("value", [0x100, 1 << 31, (1 << 32) | V])
+def test_self_ipi_reserved_bits_fall_back_and_gp(value):
+    system, vcpu = x2apic_vcpu()
+    before = snapshot(system)
+    exit = wrmsr(MSR_X2APIC_SELF_IPI, value)
+    assert fast(vcpu, exit) is Fastpath.NONE
+    assert snapshot(system) == before and system.notified == []
+    handle_exit(vcpu, exit, Fastpath.NONE)
+    assert vcpu.view.u8[kr.MSR_ERROR] == 1
+    assert snapshot(system) == before and system.notified == []
+
+
+def test_tsc_deadline_write_on_the_fastpath_arms_the_timer():
+    system, vcpu = x2apic_vcpu()
+    system[0].wrmsr(MSR_X2APIC_LVT_TIMER, c.TIMER_TSC_DEADLINE << c.LVT_TIMER_MODE_SHIFT | 0xEC)
+    deadline = system.clock.tsc() + 1_000_000
+    assert fast(vcpu, wrmsr(MSR_TSC_DEADLINE, deadline)) is Fastpath.REENTER_GUEST
+    assert system[0].rdmsr(MSR_TSC_DEADLINE) == deadline
+    assert vcpu.timer_syncs == 1
+
+
+# ---------------------------------------------------------------- xAPIC ICR MMIO write
+
+
+def xapic_vcpu(*, fastpath: bool = True) -> tuple[ApicSystem, FakeVcpu]:
+    system = make_system(NCPUS, x2apic=False)
+    vcpu = FakeVcpu(system, 0, fastpath=fastpath)
+    system[0].mmio_write(c.REG_ICR_HIGH, 4, 2 << 24)  # destination: xAPIC ID 2
+    return system, vcpu
+
+
+@pytest.mark.parametrize("low", [V, DM_NMI << 8, (DM_FIXED << 8) | V | (SH_ALL_BUT << 18)],
+                         ids=["fixed", "nmi", "all-but"])
+def test_xapic_icr_mmio_write_takes_the_fastpath_in_xapic_mode(low):
+    fast_sys, vcpu = xapic_vcpu()
+    slow_sys, slow_vcpu = xapic_vcpu(fastpath=False)
+    assert fast(vcpu, mmio_write(vcpu, XAPIC_ICR, 4, low)) is Fastpath.REENTER_GUEST
+    assert fast_sys.notified, "the IPI went nowhere"
+    assert run_exit(slow_vcpu, mmio_write(slow_vcpu, XAPIC_ICR, 4, low)) is Fastpath.NONE
+    assert snapshot(slow_sys) == snapshot(fast_sys)
+    assert slow_sys.notified == fast_sys.notified
+    assert vcpu.machine.mmio_bus.writes == [] == slow_vcpu.machine.mmio_bus.writes
+
+
+def test_xapic_icr_mmio_write_sends_to_icr_high_destination():
+    system, vcpu = xapic_vcpu()
+    want = expected(system, {2: ("fixed", V)})
+    assert fast(vcpu, mmio_write(vcpu, XAPIC_ICR, 4, V)) is Fastpath.REENTER_GUEST
+    assert snapshot(system) == want
+    assert system.notified == [2]
+
+
+def test_xapic_icr_mmio_write_is_not_fast_in_x2apic_mode():
+    system, vcpu = x2apic_vcpu()
+    before = snapshot(system)
+    exit = mmio_write(vcpu, XAPIC_ICR, 4, V | (SH_ALL << 18))
+    assert fast(vcpu, exit) is Fastpath.NONE
+    assert snapshot(system) == before and system.notified == []
+    handle_exit(vcpu, exit, Fastpath.NONE)
+    # x2APIC mode: the xAPIC page is not decoded, the write goes to the MMIO bus.
+    assert vcpu.machine.mmio_bus.writes == [(XAPIC_ICR, 4, V | (SH_ALL << 18))]
+    assert snapshot(system) == before and system.notified == []
+
+
+@pytest.mark.parametrize(("addr", "size", "is_write"), [
+    (XAPIC_ICR, 4, 0),  # a read
+    (XAPIC_ICR, 2, 1),  # not a 32-bit access
+    (XAPIC_ICR + 0x10, 4, 1),  # ICR high
+    (XAPIC_ICR + 0x1000, 4, 1),  # outside the APIC page
+])
+def test_other_mmio_exits_are_not_fast(addr, size, is_write):
+    system, vcpu = xapic_vcpu()
+    vcpu.view.u8[kr.MMIO_DATA : kr.MMIO_DATA + 4] = V.to_bytes(4, "little")
+    assert fast(vcpu, Exit((k.KVM_EXIT_MMIO, addr, size, is_write))) is Fastpath.NONE
+    assert system.notified == []
+
+
+@pytest.mark.parametrize("exit", [
+    wrmsr(MSR_X2APIC_ICR, icr(dest=1)),
+    wrmsr(MSR_X2APIC_SELF_IPI, V),
+    Exit((k.KVM_EXIT_MMIO, XAPIC_ICR, 4, 1)),
+], ids=["x2apic-icr", "self-ipi", "xapic-icr"])
+def test_fastpath_disabled_handles_nothing(exit):
+    for x2apic in (True, False):
+        system = make_system(2, x2apic=x2apic)
+        vcpu = FakeVcpu(system, 0, fastpath=False)
+        vcpu.view.u8[kr.MMIO_DATA : kr.MMIO_DATA + 4] = V.to_bytes(4, "little")
+        assert fast(vcpu, exit) is Fastpath.NONE
+        assert system.notified == []
+
+
+# ---------------------------------------------------------------- the Fastpath contract
+
+
+def test_fastpath_enum_is_exactly_upstreams_fastpath_t():
+    assert set(Fastpath.__members__) == {"NONE", "REENTER_GUEST", "EXIT_HANDLED"}
+    assert not issubclass(Fastpath, int), "a Fastpath must not be usable as an int"
+
+
+OTHER_EXITS = [
+    Exit((k.KVM_EXIT_HLT, 0, 0, 0)),
+    Exit((k.KVM_EXIT_IO, 0x3F8, 1, k.KVM_EXIT_IO_OUT)),
+    Exit((k.KVM_EXIT_IRQ_WINDOW_OPEN, 0, 0, 0)),
+    Exit((k.KVM_EXIT_INTR, 0, 0, 0)),
+    Exit((k.KVM_EXIT_SHUTDOWN, 0, 0, 0)),
+    Exit((k.KVM_EXIT_X86_RDMSR, MSR_X2APIC_ICR, 0, 0)),
+    wrmsr(0x80B, 0),  # EOI: slow path
+    wrmsr(0x1B, APIC_DEFAULT_BASE | c.APIC_BASE_EN | c.APIC_BASE_EXTD),
+    wrmsr(0xC000_0080, 0),  # not an APIC MSR
+    wrmsr(MSR_X2APIC_ICR, icr(dest=1, extra=1 << 13)),
+    *(wrmsr(MSR_X2APIC_ICR, value) for value in VALID_ICRS),
+]
+
+
+@pytest.mark.parametrize("fastpath", [True, False])
+@pytest.mark.parametrize("exit", OTHER_EXITS, ids=repr)
+def test_fastpath_always_returns_a_fastpath_member(exit, fastpath):
+    system, vcpu = x2apic_vcpu(fastpath=fastpath)
+    result = fast(vcpu, exit)  # checks type(result) is Fastpath and the lock
+    assert not isinstance(result, (int, bool))
+
+
+def test_kick_exit_reenters_and_the_loop_top_picks_up_the_request():
+    system, vcpu = x2apic_vcpu()
+    assert fast(vcpu, Exit((k.KVM_EXIT_INTR, 0, 0, 0))) is Fastpath.REENTER_GUEST
+
+
+@pytest.mark.parametrize("fp", [Fastpath.REENTER_GUEST, Fastpath.EXIT_HANDLED])
+def test_handle_exit_does_not_dispatch_what_the_fastpath_handled(fp):
+    system, vcpu = x2apic_vcpu()
+    handle_exit(vcpu, Exit((k.KVM_EXIT_HLT, 0, 0, 0)), fp)
+    handle_exit(vcpu, wrmsr(MSR_X2APIC_ICR2, 0), fp)
+    assert vcpu.halts == 0 and vcpu.view.u8[kr.MSR_ERROR] == 0
+    handle_exit(vcpu, Exit((k.KVM_EXIT_HLT, 0, 0, 0)), Fastpath.NONE)
+    assert vcpu.halts == 1
+
+
+# ---------------------------------------------------------------- no vCPU-wide exit reason
+
+
+def _vcpu_attribute_names() -> set[str]:
+    """Every attribute the Vcpu class defines or assigns to `self` anywhere in it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(Vcpu)))
+    names = set(vars(Vcpu))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                and isinstance(node.value, ast.Name) and node.value.id == "self":
+            names.add(node.attr)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setattr":
+            pytest.fail("Vcpu sets attributes dynamically: check them by hand")
+    return names
+
+
+def test_vcpu_keeps_no_exit_reason():
+    names = _vcpu_attribute_names()
+    assert "mode" in names and "request_event" in names  # the scan does see attributes
+    suspicious = {n for n in names if "exit" in n.lower() or "reason" in n.lower()}
+    assert suspicious == set()
+
+
+class _FakeFd:
+    def __init__(self) -> None:
+        self.mapping = mmap.mmap(-1, 4096)
+        self.view = RunView(self.mapping)
+
+    def run(self) -> int:
+        return 0
+
+
+def test_vcpu_run_returns_the_exit_and_stores_nothing():
+    fd = _FakeFd()
+    system = make_system(1, x2apic=True)
+    vcpu = Vcpu(FakeMachine(), 0, fd, system[0], fastpath=True,  # type: ignore[arg-type]
+                stats=ExitStats(False))
+    fd.view.u32[kr.EXIT_REASON] = k.KVM_EXIT_X86_WRMSR
+    fd.view.u32[kr.MSR_INDEX] = MSR_X2APIC_ICR
+    fd.view.u64[kr.MSR_DATA] = icr(dest=0)
+    before = dict(vars(vcpu))
+    vcpu.mode = vcpu_module.VcpuMode.IN_GUEST
+    exit = vcpu.run()
+    assert exit == (k.KVM_EXIT_X86_WRMSR, MSR_X2APIC_ICR, icr(dest=0), 0)
+    assert isinstance(exit, tuple)
+    after = dict(vars(vcpu))
+    assert after.pop("mode") is vcpu_module.VcpuMode.OUTSIDE_GUEST
+    before.pop("mode")
+    assert after == before, "run() stored something on the vCPU"
