@@ -12,6 +12,7 @@ import capstone
 import pytest
 
 from kvmpy.bench import floor
+from kvmpy.boot.flat import FLAT_LOAD_ADDRESS
 
 pytestmark = pytest.mark.kvm
 
@@ -20,9 +21,8 @@ N = 2000
 
 def _disassemble(image: bytes) -> list[tuple[str, str]]:
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
-    code = image[: floor.RESULT_OFFSET]
     out = []
-    for insn in md.disasm(code, floor.FLAT_LOAD_ADDRESS):
+    for insn in md.disasm(image, FLAT_LOAD_ADDRESS):
         out.append((insn.mnemonic, insn.op_str))
         if insn.mnemonic == "jmp":
             break
@@ -30,20 +30,35 @@ def _disassemble(image: bytes) -> list[tuple[str, str]]:
 
 
 def test_guest_switches_to_x2apic_then_loops_on_icr_and_exits() -> None:
-    insns = _disassemble(floor.guest_image(12345))
+    image = floor.guest_image(5 * floor.CHUNK)
+    insns = _disassemble(image)
     mnemonics = [m for m, _ in insns]
     assert mnemonics == [
-        "mov", "rdmsr", "or", "wrmsr", "mov", "rdtsc", "mov", "mov", "mov", "mov", "mov",
-        "wrmsr", "dec", "jne", "rdtsc", "mov", "mov", "mov", "out", "hlt", "jmp",
+        "mov", "rdmsr", "or", "wrmsr", "mov", "mov", "mov",
+        "rdtsc", "mov", "mov", "add", "mov", "mov", "mov",  # per chunk: TSC, ICR value
+        "wrmsr", "dec", "jne", "dec", "jne",
+        "rdtsc", "mov", "mov", "add", "mov", "out", "hlt", "jmp",
     ]
     ops = [o for _, o in insns]
     assert ops[0] == "ecx, 0x1b"
     assert ops[2] == "eax, 0xc00"  # x2APIC enable: EXTD (bit 10) | EN (bit 11)
-    assert ops[4] == "esi, 0x3039"  # the loop count
-    assert ops[8:11] == ["ecx, 0x830", "eax, 0x40", "edx, 0x7fff0000"]
-    loop = floor.FLAT_LOAD_ADDRESS + floor.guest_image(1).index(b"\x0f\x30\x4e")
-    assert ops[13] == hex(loop)  # jnz back to the wrmsr
-    assert ops[18] == "0xf4, al"
+    assert ops[4] == f"edi, {floor.TSC_GPA:#x}"
+    assert ops[5] == "ebx, 5"  # chunks
+    assert ops[6] == "ecx, 0x830"
+    assert ops[11:14] == ["eax, 0x40", "edx, 0x7fff0000", f"esi, {floor.CHUNK:#x}"]
+    wrmsr = FLAT_LOAD_ADDRESS + image.index(b"\x0f\x30\x4e")
+    assert ops[16] == hex(wrmsr)  # jnz back to the ICR wrmsr
+    assert ops[18] == hex(FLAT_LOAD_ADDRESS + image.index(b"\x0f\x31"))  # next chunk
+    assert ops[24] == "0xf4, al"
+    assert floor.tsc_count(5 * floor.CHUNK) == 6
+
+
+def test_guest_chunking_rules() -> None:
+    assert floor.chunk_size(4 * floor.CHUNK) == floor.CHUNK
+    assert floor.chunk_size(7) == 7  # below CHUNK: one chunk
+    assert floor.tsc_count(7) == 2
+    with pytest.raises(ValueError):
+        floor.guest_image(floor.CHUNK + 1)
 
 
 def test_guest_rejects_empty_loop() -> None:
@@ -74,18 +89,21 @@ def test_small_floor_run_structure_and_sanity() -> None:
         assert run.side == side and run.n == N
         assert run.exits == expected_exits, side
         assert run.icr_exits == N, side
-        assert run.loop_ns > 0 and run.wall_ns > 0
+        assert len(run.chunks_ns) == N // floor.CHUNK and min(run.chunks_ns) > 0
+        assert run.wall_ns > 0
         assert 0 < run.handle_p50_ns <= run.handle_p99_ns
+    for side in ("c", "python"):  # the bare loops time every exit themselves
+        bare = result.runs[side][0]
+        assert bare.icr_fast == 0
+        assert bare.rt_p50_ns is not None and bare.rt_p99_ns is not None
+        assert 0 < bare.rt_p50_ns <= bare.rt_p99_ns
     c = result.runs["c"][0]
-    assert c.icr_fast == 0
-    assert c.rt_p50_ns is not None and c.rt_p99_ns is not None
-    assert 0 < c.rt_p50_ns <= c.rt_p99_ns
     # Every ICR write of the fastpath run completed there; none of the slow-path run did.
     assert result.runs["fastpath"][0].icr_fast == N
     assert result.runs["slowpath"][0].icr_fast == 0
     # The C side, timed around its whole loop, saw the guest's loop inside that time.
-    assert c.loop_ns <= c.wall_ns
-    for side in ("fastpath", "slowpath"):
+    assert sum(c.chunks_ns) * floor.CHUNK <= c.wall_ns
+    for side in ("python", "fastpath", "slowpath"):
         ratio = result.ratio(side)
         assert math.isfinite(ratio) and ratio > 0
 
@@ -94,19 +112,21 @@ def test_small_floor_run_structure_and_sanity() -> None:
     out = io.StringIO()
     floor.print_table(result, file=out)
     text = out.getvalue()
-    assert "C floor" in text and result.backend in text
+    assert all(title in text for title in floor.TITLES.values())
+    assert result.backend in text
 
 
 def test_kvmpy_fastpath_run_counts_from_exit_stats() -> None:
     """run_kvmpy reads ExitStats: WRMSR exits = the ICR loop + the APIC-base write."""
-    run = floor.run_kvmpy(300, fastpath=True)
-    assert run.icr_fast == 300
-    assert run.exits == 300 + floor.NON_ICR_EXITS
+    run = floor.run_kvmpy(400, fastpath=True)
+    assert run.icr_fast == 400
+    assert run.exits == 400 + floor.NON_ICR_EXITS
 
 
 def test_cli_json(capsys) -> None:
-    assert floor.main(["--n", "300", "--repeats", "1", "--json"]) == 0
+    assert floor.main(["--n", "400", "--repeats", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["n"] == 300 and data["repeats"] == 1
+    assert data["n"] == 400 and data["repeats"] == 1
     assert set(data["columns"]) == set(floor.SIDES)
-    assert data["columns"]["c"]["exits"] == data["columns"]["fastpath"]["exits"] == 303
+    exits = {side: column["exits"] for side, column in data["columns"].items()}
+    assert exits == {side: 403 for side in floor.SIDES}

@@ -14,9 +14,10 @@
  * handling = KVM_RUN returning to the next call. Percentiles use the rank rule of
  * kvmpy/trace.py Histogram.percentile (rank = max(1, round(count * p / 100))).
  *
- * usage: floor IMAGE MEMORY_BYTES RESULT_GPA
+ * usage: floor IMAGE MEMORY_BYTES TSC_GPA TSC_COUNT
  * Prints one JSON object on stdout; on error, one line on stderr and exit status 1.
- * RESULT_GPA: where the guest stored its two TSC readings (before and after its loop).
+ * TSC_GPA, TSC_COUNT: where the guest stores its TSC readings (u64s), and how many;
+ * they are printed as "guest_tsc" for the caller to turn into round trips.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -111,17 +112,19 @@ static uint8_t *load_image(const char *path, size_t *size)
 
 int main(int argc, char **argv)
 {
-	if (argc != 4) {
-		fprintf(stderr, "usage: %s IMAGE MEMORY_BYTES RESULT_GPA\n", argv[0]);
+	if (argc != 5) {
+		fprintf(stderr, "usage: %s IMAGE MEMORY_BYTES TSC_GPA TSC_COUNT\n", argv[0]);
 		return 2;
 	}
 	size_t image_size;
 	uint8_t *image = load_image(argv[1], &image_size);
 	uint64_t mem_size = strtoull(argv[2], NULL, 0);
-	uint64_t result_gpa = strtoull(argv[3], NULL, 0);
-	if (mem_size < LOAD_ADDRESS + image_size || result_gpa + 16 > mem_size) {
+	uint64_t tsc_gpa = strtoull(argv[3], NULL, 0);
+	uint64_t tsc_count = strtoull(argv[4], NULL, 0);
+	if (mem_size < LOAD_ADDRESS + image_size || tsc_gpa > mem_size ||
+	    tsc_count > (mem_size - tsc_gpa) / 8) {
 		errno = 0;
-		die("image or result address does not fit in guest memory");
+		die("image or TSC readings do not fit in guest memory");
 	}
 
 	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
@@ -266,8 +269,6 @@ int main(int argc, char **argv)
 	}
 	const uint64_t total = t_ret - start;
 
-	uint64_t tsc[2];
-	memcpy(tsc, mem + result_gpa, sizeof(tsc));
 	qsort(rt, nsamples, sizeof(*rt), cmp_u64);
 	qsort(hd, nsamples, sizeof(*hd), cmp_u64);
 	printf("{\"exits\": %" PRIu64 ", \"rdmsr_exits\": %" PRIu64 ", \"wrmsr_exits\": %" PRIu64
@@ -275,11 +276,16 @@ int main(int argc, char **argv)
 	       ", \"total_ns\": %" PRIu64 ", \"samples\": %zu"
 	       ", \"rt_p50_ns\": %" PRIu64 ", \"rt_p99_ns\": %" PRIu64
 	       ", \"handle_p50_ns\": %" PRIu64 ", \"handle_p99_ns\": %" PRIu64
-	       ", \"tsc_khz\": %d, \"guest_tsc_start\": %" PRIu64 ", \"guest_tsc_end\": %" PRIu64
-	       "}\n",
+	       ", \"tsc_khz\": %d, \"guest_tsc\": [",
 	       exits, rdmsr, wrmsr, icr, io, eintr, total, nsamples,
 	       percentile(rt, nsamples, 50), percentile(rt, nsamples, 99),
 	       percentile(hd, nsamples, 50), percentile(hd, nsamples, 99),
-	       tsc_khz, tsc[0], tsc[1]);
+	       tsc_khz);
+	for (uint64_t i = 0; i < tsc_count; i++) {
+		uint64_t tsc;
+		memcpy(&tsc, mem + tsc_gpa + 8 * i, sizeof(tsc));
+		printf("%s%" PRIu64, i ? ", " : "", tsc);
+	}
+	printf("]}\n");
 	return 0;
 }
