@@ -66,9 +66,15 @@ def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
         apic = vcpu.apic
         try:
             if index == MSR_X2APIC_ICR:
-                return _REENTER if apic.icr_write_x2apic_fast(exit[2]) else _NONE
+                if apic.icr_write_x2apic_fast(exit[2]):
+                    vcpu.stats.icr_fast += 1
+                    return _REENTER
+                return _NONE
             if index == MSR_X2APIC_SELF_IPI:
-                return _REENTER if apic.self_ipi_fast(exit[2]) else _NONE
+                if apic.self_ipi_fast(exit[2]):
+                    vcpu.stats.icr_fast += 1
+                    return _REENTER
+                return _NONE
         except Exception as exc:  # noqa: BLE001 - see delivery_failed
             delivery_failed(vcpu, exc)
             return _REENTER
@@ -88,7 +94,10 @@ def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
                 and apic.mode is ApicMode.XAPIC:
             value = vcpu.view.u32[kr.MMIO_DATA // 4]
             try:
-                return _REENTER if apic.icr_write_xapic_fast(value) else _NONE
+                if apic.icr_write_xapic_fast(value):
+                    vcpu.stats.icr_fast += 1
+                    return _REENTER
+                return _NONE
             except Exception as exc:  # noqa: BLE001 - see delivery_failed
                 delivery_failed(vcpu, exc)
                 return _REENTER
@@ -154,6 +163,8 @@ def handle_mmio(vcpu: Vcpu, exit: Exit) -> None:
     if apic is not None and apic.mode is ApicMode.XAPIC \
             and 0 <= addr - apic.base_address < XAPIC_PAGE_SIZE:
         offset = addr - apic.base_address
+        if is_write and offset == XAPIC_ICR_LOW:
+            vcpu.stats.icr_slow += 1
         if is_write:
             value = int.from_bytes(data[kr.MMIO_DATA : kr.MMIO_DATA + length], "little")
             apic.mmio_write(offset, length, value)
@@ -203,6 +214,8 @@ def handle_wrmsr(vcpu: Vcpu, exit: Exit) -> None:
     view = vcpu.view
     apic = vcpu.apic
     vcpu.stats.count_msr("wr", index)
+    if index == MSR_X2APIC_ICR or index == MSR_X2APIC_SELF_IPI:
+        vcpu.stats.icr_slow += 1
     if apic is not None and _is_apic_msr(index):
         try:
             apic.wrmsr(index, value)

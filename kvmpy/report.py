@@ -31,4 +31,7 @@ def exit_table(stats: ExitStats) -> Table:
 
 
 def print_exit_table(stats: ExitStats, file: TextIO | None = None) -> None:
-    Console(file=file, width=110).print(exit_table(stats))
+    console = Console(file=file, width=110)
+    console.print(exit_table(stats))
+    console.print(f"ICR writes: {stats.icr_fast} on the fastpath, {stats.icr_slow} on the "
+                  f"slow path; delivery failures: {stats.delivery_failures}")

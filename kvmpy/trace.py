@@ -86,6 +86,11 @@ class ExitStats:
         # index, so the table is bounded: past MAX_MSR_KEYS distinct ones, "other".
         self.msr_accesses: dict[tuple[str, int] | str, int] = {}
         self.delivery_failures = 0
+        # ICR writes (x2APIC ICR and SELF_IPI MSRs, xAPIC ICR-low MMIO) completed on the
+        # fastpath, and ICR writes that reached the slow path (with the fastpath on:
+        # only the ones it refused, which the slow path answers with #GP).
+        self.icr_fast = 0
+        self.icr_slow = 0
 
     def count_msr(self, op: str, index: int) -> None:
         table = self.msr_accesses
@@ -105,6 +110,8 @@ class ExitStats:
                 k = "other"
             self.msr_accesses[k] = self.msr_accesses.get(k, 0) + v
         self.delivery_failures += other.delivery_failures
+        self.icr_fast += other.icr_fast
+        self.icr_slow += other.icr_slow
 
 
 @dataclass(frozen=True)
