@@ -336,7 +336,6 @@ class Machine:
         """INIT (SDM 10.4.7.3, 8.4): the vCPU resets and waits for a SIPI (KVM's
         kvm_apic_accept_events: the BSP too, as kvmpy has no firmware to reset into)."""
         vcpu.state = VcpuState.WAIT_FOR_SIPI
-        vcpu.apic.take_sipi()  # a SIPI latched before this INIT is stale
 
     def poll_sipi(self, vcpu: Vcpu) -> None:
         """In wait-for-SIPI: start the vCPU in real mode at vector << 12 on a SIPI.

@@ -91,6 +91,7 @@ class ExitStats:
         # only the ones it refused, which the slow path answers with #GP).
         self.icr_fast = 0
         self.icr_slow = 0
+        self.smi_dropped = 0
 
     def count_msr(self, op: str, index: int) -> None:
         table = self.msr_accesses

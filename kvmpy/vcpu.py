@@ -165,7 +165,7 @@ class Vcpu:
             self._inject_pending_events()
             # Publish IN_GUEST, then re-check requests (see the module docstring).
             self.mode = VcpuMode.IN_GUEST
-            if self.request_event or machine.stopping:
+            if self.request_event or machine.stopping or self.state is not VcpuState.RUNNABLE:
                 self.mode = VcpuMode.OUTSIDE_GUEST
                 continue
             exit = self.run()
@@ -202,12 +202,18 @@ class Vcpu:
             return
         if apic.take_nmi():
             self.fd.nmi()
+        if apic.take_smi():
+            self.stats.smi_dropped += 1  # no SMM is modelled: an SMI is counted and dropped
         vector = apic.pending_vector()
         if vector is None:
             u8[kr.REQUEST_INTERRUPT_WINDOW] = 0
         elif u8[kr.READY_FOR_INJECTION] and u8[kr.IF_FLAG]:
             apic.ack(vector)
             self.fd.interrupt(vector)
+            # KVM holds one queued interrupt without an in-kernel irqchip and a second
+            # KVM_INTERRUPT would replace the first (kvm_vcpu_ioctl_interrupt): until
+            # KVM rewrites this flag at the next exit, ask for a window instead.
+            u8[kr.READY_FOR_INJECTION] = 0
             u8[kr.REQUEST_INTERRUPT_WINDOW] = 0
         else:
             u8[kr.REQUEST_INTERRUPT_WINDOW] = 1
@@ -240,6 +246,8 @@ class Vcpu:
         # if it could be taken (the IF flag as of the HLT exit).
         if apic.take_init():
             self.machine.on_init(self)
+            return True
+        if apic.nmi_pending:
             return True
         return apic.has_pending_events() and (
             bool(self.view.u8[kr.IF_FLAG]) or apic.pending_vector() is None

@@ -7,7 +7,7 @@ ways:
    find a losing interleaving, so the check can fail.
 2. The model's steps quote kvmpy's source; the quotes must still be there, in order.
 3. The real `Vcpu.run_loop` / `kick` / `_block_until_runnable`, driven on this thread with
-   a fake KVM fd, replay the critical interleavings; bugs found are xfail(strict=True).
+   a fake KVM fd, replay the critical interleavings (four bugs found this way are fixed).
 """
 
 from __future__ import annotations
@@ -52,10 +52,6 @@ def test_no_interleaving_loses_an_interrupt(cfg):
     assert res.terminal_states > 1 and res.interleavings > 1_000_000  # a real search
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vcpu.py _inject_pending_events: after KVM_INTERRUPT the stale "
-    "ready_for_interrupt_injection lets the request_event bail-out path queue a second "
-    "interrupt before KVM_RUN; KVM (no irqchip) overwrites the first: lost, stuck in ISR"))
 def test_two_priority_classes_no_interrupt_is_overwritten():
     cfg = replace(BASE, senders=(0x40, 0x50),
                   ready_cleared_after_interrupt=_inject_clears_ready_flag())
@@ -366,10 +362,6 @@ def test_halted_target_wakes_for_an_ipi(send_while_blocked):
     assert vcpu.mode is VcpuMode.OUTSIDE_GUEST
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vcpu.py: after fd.interrupt(A) the bail-out path re-runs _inject_pending_events with "
-    "the stale kvm_run.ready_for_interrupt_injection and queues B over A (KVM without "
-    "irqchip overwrites its one slot): A is acked into ISR but never reaches the guest"))
 def test_real_loop_never_queues_a_second_interrupt_over_the_first():
     system = make_system(2, x2apic=True)
     fd = FakeKvmFd(stop_after(1))
@@ -403,9 +395,6 @@ def _ap_with_init_and_sipi_pending() -> tuple[ApicSystem, Vcpu, LoopMachine, Fak
     return system, vcpu, machine, fd
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "machine.py on_init calls apic.take_sipi(), which consumes and discards a SIPI "
-    "latched behind the INIT (take_init already set wait_for_sipi): the AP never starts"))
 def test_sipi_right_behind_init_starts_the_ap(monkeypatch):
     system, vcpu, machine, fd = _ap_with_init_and_sipi_pending()
     started: list[int] = []
@@ -418,10 +407,6 @@ def test_sipi_right_behind_init_starts_the_ap(monkeypatch):
     assert vcpu.state is VcpuState.RUNNABLE
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vcpu.py run_loop: when _inject_pending_events processes an INIT (state becomes "
-    "WAIT_FOR_SIPI) the loop still publishes IN_GUEST and enters KVM_RUN: the reset "
-    "vCPU runs guest code; the re-check must include `self.state is not RUNNABLE`"))
 def test_no_guest_entry_after_init():
     system, vcpu, machine, fd = _ap_with_init_and_sipi_pending()
     states: list[VcpuState] = []
@@ -443,10 +428,8 @@ def test_no_guest_entry_after_init():
     (True, False, 0, True),
     (True, False, 1, True),
     (True, True, 1, True),
-    pytest.param(True, True, 0, True, marks=pytest.mark.xfail(strict=True, reason=(
-        "vcpu.py _wakeup_pending: with IF=0 and a deliverable IRR vector, "
-        "`has_pending_events() and (IF or pending_vector() is None)` is False even "
-        "though an NMI is pending: cli;hlt never wakes for the NMI"))),
+    # IF=0, a deliverable IRR vector and an NMI: the NMI must wake `cli; hlt`.
+    pytest.param(True, True, 0, True),
 ])
 def test_halted_vcpu_wakeup_condition(nmi, irr, if_flag, wakes):
     system = make_system(2, x2apic=True)
