@@ -255,9 +255,15 @@ def test_tsc_deadline_arming_is_immune_to_a_delay_between_clock_reads() -> None:
 
 # ---------------------------------------------------------------- kvm-unit-tests
 
-# Subtests of apic.flat that fail under QEMU+KVM on this host too (see DESIGN.md: vmcall
-# never completes here, so the PV-IPI test cannot pass under any VMM).
-KUT_APIC_KNOWN_FAILURES: set[str] = set()
+# apic.flat subtests that fail under QEMU+KVM (kvm_pvm's in-kernel LAPIC) on this host
+# too (/work/notes/kvm-unit-tests report): kvmpy may fail these and no others.
+KUT_APIC_HOST_FAILURES = {
+    "multiple nmi",
+    "pending nmi",
+    "TMCCT should not be reset to TMICT value",
+    "tsc deadline timer",
+}
+KUT_APIC_MIN_PASSES = 40  # QEMU+KVM: 51 of 55 in the x2APIC configuration
 
 
 def kut_dir() -> Path:
@@ -303,10 +309,9 @@ def test_kvm_unit_tests_apic(tmp_path: Path) -> None:
     flat = kut_test("apic")
     r = kvmpy_run(flat, "--cpus", "2", "--initrd", str(kut_env(tmp_path)), timeout=600)
     out = r.stdout
-    failed = set(re.findall(r"^FAIL: (.*)$", out, re.M))
-    assert failed == KUT_APIC_KNOWN_FAILURES, out
-    passed = re.findall(r"^PASS: ", out, re.M)
-    assert len(passed) > 30, out
+    failed = set(re.findall(r"^FAIL: (.*?)\r?$", out, re.M))
+    assert failed <= KUT_APIC_HOST_FAILURES, out
+    assert len(re.findall(r"^PASS: ", out, re.M)) >= KUT_APIC_MIN_PASSES, out
     assert re.search(r"^SUMMARY: \d+ tests", out, re.M), out
-    expected_status = GUEST_OK if not failed else (1 << 1) | 1
+    expected_status = GUEST_OK if not failed else (1 << 1) | 1  # the guest returned 1
     assert r.returncode == expected_status, (out[-2000:], r.stderr)
