@@ -22,7 +22,7 @@
 #include "apic.h"
 
 #define MAX_CPUS 8
-#define WAIT_POLLS 200000
+#define WAIT_POLLS 1000000   /* ~7 s at ~7 us per emulated poll: only a failure waits */
 #define SETTLE_POLLS 300
 #define LOWEST_SENDS 8
 

@@ -6,9 +6,9 @@
 #define FW_CFG_DATA 0x511
 #define FW_CFG_SIGNATURE 0x00
 #define FW_CFG_NB_CPUS 0x05
-#define ONLINE_POLLS 300000     /* ~ a few seconds of emulated polling */
+#define ONLINE_POLLS 1000000    /* ~7 s at ~7 us per emulated poll: only a failure waits */
 #define SIPI_GAP_POLLS 100      /* the SDM's 200 us between the two SIPIs, roughly */
-#define CALL_POLLS 300000
+#define CALL_POLLS 1000000
 
 extern char smp_trampoline_start[], smp_trampoline_end[], smp_trampoline_gdtr[];
 extern char kvmpy_gdt_descr[];
