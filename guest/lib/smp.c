@@ -137,8 +137,8 @@ static void start_aps(u32 icr_shorthand, u32 dest)
 
 u32 smp_start(u32 n)
 {
-    u32 self = apic_id();
     u32 avail = smp_cpus_available();
+    u32 self;
 
     if (apic_mode() == APIC_MODE_DISABLED)
         apic_enable(APIC_MODE_XAPIC);
