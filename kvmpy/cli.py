@@ -83,6 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop the VM after this many seconds")
 
     sub.add_parser("info", help="show the KVM backend and capabilities kvmpy uses")
+
+    bench = sub.add_parser("bench", help="benchmarks: `ipi` (guest-measured IPI latency), "
+                           "`floor` (ICR-write exits against a bare C KVM_RUN loop)",
+                           allow_abbrev=False)
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    ipi = bench_sub.add_parser("ipi", help="IPI round trip, one-way, halted receiver and "
+                               "sender cost: kvmpy fastpath vs slow path vs in-kernel KVM",
+                               allow_abbrev=False)
+    ipi.add_argument("--n", type=int, default=300, help="samples per test per run")
+    ipi.add_argument("--rounds", type=int, default=3,
+                     help="alternate the configurations this many times")
+    ipi.add_argument("--mode", choices=("x2apic", "xapic"), default="x2apic")
+    ipi.add_argument("--configs", nargs="+", choices=("kvmpy-fast", "kvmpy-slow", "kernel"),
+                     default=["kvmpy-fast", "kvmpy-slow", "kernel"])
+    ipi.add_argument("--scale", action="store_true",
+                     help="broadcast and multicast cost per target for 2..32 vCPUs")
+    ipi.add_argument("--cpus", type=int, nargs="+", default=[2, 4, 8, 16, 32],
+                     help="vCPU counts for --scale")
+    ipi.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ipi.add_argument("--plot", metavar="FILE.png", help="draw latency histograms")
+    floor = bench_sub.add_parser("floor", help="ICR-write exit cost: kvmpy vs a C floor",
+                                 allow_abbrev=False)
+    floor.add_argument("args", nargs=argparse.REMAINDER,
+                       help="passed to python -m kvmpy.bench.floor")
     return p
 
 
@@ -147,6 +171,40 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "floor":
+        from kvmpy.bench.floor import main as floor_main
+
+        return floor_main(args.args)
+    import json
+
+    from rich.progress import Progress
+
+    from kvmpy.bench.ipi import bench_ipi, plot_report, print_report
+
+    if args.n < 1 or args.rounds < 1:
+        raise KvmpyError("--n and --rounds must be at least 1")
+    if args.scale and any(c < 2 or c > 64 for c in args.cpus):
+        raise KvmpyError("--cpus for --scale must be between 2 and 64")
+    runs = args.rounds * len(args.configs) * (len(args.cpus) if args.scale else 1)
+    with Progress(transient=True, disable=args.json) as progress:
+        task = progress.add_task("kvmpy bench ipi", total=runs)
+
+        def step(what: str) -> None:
+            progress.update(task, advance=1, description=what)
+
+        result = bench_ipi(n=args.n, rounds=args.rounds, mode=args.mode,
+                           configs=args.configs,
+                           scale_cpus=args.cpus if args.scale else (), progress=step)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print_report(result)
+    if args.plot:
+        plot_report(result, args.plot)
+    return 1 if result.failures else 0
+
+
 def _read_file(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -165,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "bench":
+            return cmd_bench(args)
     except KvmpyError as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return 2

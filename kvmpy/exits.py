@@ -168,7 +168,7 @@ def handle_mmio(vcpu: Vcpu, exit: Exit) -> None:
         if is_write:
             value = int.from_bytes(data[kr.MMIO_DATA : kr.MMIO_DATA + length], "little")
             apic.mmio_write(offset, length, value)
-            vcpu.sync_timer()
+            vcpu.after_apic_write()
         else:
             value = apic.mmio_read(offset, length) & mask
             data[kr.MMIO_DATA : kr.MMIO_DATA + length] = value.to_bytes(length, "little")
@@ -225,7 +225,7 @@ def handle_wrmsr(vcpu: Vcpu, exit: Exit) -> None:
         view.u8[kr.MSR_ERROR] = 0
         if index == MSR_APIC_BASE:
             vcpu.apic_base_changed()
-        vcpu.sync_timer()
+        vcpu.after_apic_write()
         return
     view.u8[kr.MSR_ERROR] = 1
 

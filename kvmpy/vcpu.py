@@ -84,6 +84,15 @@ class Exit(tuple):
 
 
 _EXIT_INTR = Exit((k.KVM_EXIT_INTR, 0, 0, 0))
+_ICR_MSRS = (0x830, 0x83F)  # x2APIC ICR, SELF_IPI
+
+
+def is_icr_write(exit: Exit) -> bool:
+    """An x2APIC ICR / SELF_IPI wrmsr, or an MMIO write to an xAPIC ICR-low offset."""
+    reason = exit[0]
+    if reason == k.KVM_EXIT_X86_WRMSR:
+        return exit[1] in _ICR_MSRS
+    return reason == k.KVM_EXIT_MMIO and bool(exit[3]) and exit[1] & 0xFFF == 0x300
 
 
 def _noop_kick_handler(signum: int, frame: object) -> None:
@@ -176,12 +185,18 @@ class Vcpu:
             if fp is Fastpath.REENTER_GUEST:
                 stats.fast[reason] += 1
                 if record_time:
-                    stats.fast_time[reason].add(clock() - t0)
+                    dt = clock() - t0
+                    stats.fast_time[reason].add(dt)
+                    if is_icr_write(exit):
+                        stats.icr_fast_time.add(dt)
                 continue
             with exit_lock:
                 handle_exit(self, exit, fp)
             if record_time:
-                stats.slow_time[reason].add(clock() - t0)
+                dt = clock() - t0
+                stats.slow_time[reason].add(dt)
+                if is_icr_write(exit):
+                    stats.icr_slow_time.add(dt)
 
     # ---------------------------------------------------------------- events
 
@@ -195,14 +210,18 @@ class Vcpu:
         cr8 = self.view.u64[kr.CR8]
         if cr8 != self._cr8:  # the guest wrote CR8 (64-bit mode): TPR follows
             apic.set_cr8(cr8)
-        if self._timer_deadline is not None and time.monotonic_ns() >= self._timer_deadline:
+            self._cr8 = cr8
+        deadline = self._timer_deadline
+        if deadline is not None and time.monotonic_ns() >= deadline:
             apic.timer_expired(time.monotonic_ns())
-        if apic.take_init():
+            self.sync_timer()
+        if apic.init_pending and apic.take_init():
             self.machine.on_init(self)
+            self.sync_cr8()
             return
         if apic.take_nmi():
             self.fd.nmi()
-        if apic.take_smi():
+        if apic.smi_pending and apic.take_smi():
             self.stats.smi_dropped += 1  # no SMM is modelled: an SMI is counted and dropped
         vector = apic.pending_vector()
         if vector is None:
@@ -217,9 +236,19 @@ class Vcpu:
             u8[kr.REQUEST_INTERRUPT_WINDOW] = 0
         else:
             u8[kr.REQUEST_INTERRUPT_WINDOW] = 1
-        self._cr8 = apic.cr8()
-        self.view.u64[kr.CR8] = self._cr8
+
+    def after_apic_write(self) -> None:
+        """After a guest write to an APIC register (slow path): re-arm the host timer
+        and give KVM the TPR as CR8 (kvm_run.cr8 is read at every KVM_RUN entry)."""
         self.sync_timer()
+        self.sync_cr8()
+
+    def sync_cr8(self) -> None:
+        """kvm_run.cr8 = TPR[7:4] (SDM 10.8.6.1)."""
+        apic = self.apic
+        if apic is not None:
+            self._cr8 = apic.cr8()
+            self.view.u64[kr.CR8] = self._cr8
 
     def sync_timer(self) -> None:
         """Arm the VM's host timer for this APIC's next expiry if it changed."""
@@ -304,7 +333,11 @@ class Vcpu:
         if mode == VcpuMode.IN_GUEST:
             self.view.u8[kr.IMMEDIATE_EXIT] = 1
             if self.thread_ident != threading.get_ident():
+                t0 = time.perf_counter_ns()
                 signal.pthread_kill(self.thread_ident, KICK_SIGNAL)
+                # The sender's cost of a signal kick, kept on the target (a statistic:
+                # two senders adding at once may rarely lose one sample).
+                self.stats.kick_time.add(time.perf_counter_ns() - t0)
         elif mode == VcpuMode.BLOCKED:
             self.wake.set()
 

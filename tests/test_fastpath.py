@@ -130,6 +130,9 @@ class FakeVcpu:
     def sync_timer(self) -> None:
         self.timer_syncs += 1
 
+    def after_apic_write(self) -> None:
+        self.timer_syncs += 1
+
     def apic_base_changed(self) -> None:
         self.base_changes += 1
 

@@ -34,7 +34,9 @@ from .constants import (
     DM_SIPI,
     ESR_SEND_ILLEGAL_VECTOR,
     ICR_DEST_LOGICAL,
+    ICR_DM_MASK,
     ICR_LEVEL_ASSERT,
+    ICR_SH_MASK,
     ICR_TRIGGER_LEVEL,
     SH_ALL_BUT,
     SH_NONE,
@@ -46,6 +48,10 @@ from .lapic import LocalApic
 from .mode import ApicMode
 
 _DISABLED = ApicMode.DISABLED
+_X2APIC = ApicMode.X2APIC
+# ICR bits that send an IPI off the hot route: a delivery mode other than fixed, logical
+# destination mode, a shorthand.
+_GENERAL_ROUTE_BITS = ICR_DM_MASK | ICR_DEST_LOGICAL | ICR_SH_MASK
 
 
 class ApicBus:
@@ -72,6 +78,26 @@ class ApicBus:
         """Send the interrupt described by ICR low ``icr_low`` to destination ``dest``
         (ICR[63:32] in x2APIC mode, ICR[63:56] in xAPIC mode). Runs on the source's
         thread; never raises for a guest-controlled value."""
+        # The hot case first: a fixed IPI with a legal vector, physical destination, no
+        # shorthand, to the APIC whose ID is its index (kvmpy's numbering). No Counter,
+        # no scan; anything else (or an APIC whose ID software changed) goes the general
+        # way below.
+        if not icr_low & _GENERAL_ROUTE_BITS and icr_low & 0xF0:
+            apics = self.apics
+            if dest < len(apics):
+                target = apics[dest]
+                mode = target.mode
+                if mode is not _DISABLED and dest == (
+                        target.apic_id if mode is _X2APIC else target.xapic_id):
+                    source.ipis_sent += 1
+                    if target.accept_fixed(icr_low & 0xFF, False):
+                        self.notify(target.index)
+                    return
+            elif 0xFF < dest != 0xFFFF_FFFF:
+                # No APIC has this ID: x2APIC IDs are the indexes, xAPIC IDs are 8 bits.
+                source.ipis_sent += 1
+                source.ipis_no_target += 1
+                return
         stats = source._stats
         stats["ipi_sent"] += 1
         vector = icr_low & 0xFF

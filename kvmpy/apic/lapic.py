@@ -86,6 +86,12 @@ class LocalApic:
         # keeps up to two, one being serviced and one pending behind it, and
         # kvm-unit-tests' "multiple nmi" relies on it. pending = received - taken.
         self._nmi_taken = 0
+        # A cheap "maybe an NMI" flag so the vCPU loop need not read the counter on
+        # every entry: a sender increments the counter THEN sets it; the owner clears
+        # it BEFORE reading the counter, so an NMI is never left behind a clear flag.
+        self._nmi_flag = False
+        self.ipis_sent = 0  # fixed physical IPIs routed by ApicBus's hot path
+        self.ipis_no_target = 0  # ... of which addressed no APIC
         self.smi_pending = False
         self.init_pending = False
         self.sipi_pending = False
@@ -138,6 +144,10 @@ class LocalApic:
     def stats(self) -> Counter[str]:
         """Snapshot of all event counters (owner-side and delivery-side)."""
         snap = Counter(self._stats)
+        if self.ipis_sent:
+            snap["ipi_sent"] += self.ipis_sent
+        if self.ipis_no_target:
+            snap["ipi_no_target"] += self.ipis_no_target
         for name, counter in (
             ("ipi_received", self._rx_fixed),
             ("fixed_rejected_disabled", self._rx_rejected),
@@ -490,6 +500,7 @@ class LocalApic:
     def accept_nmi(self) -> None:
         """NMI message (SDM 10.6.1): bypasses IRR/ISR; accepted even if SVR-disabled."""
         self._rx_nmi.inc()
+        self._nmi_flag = True
 
     @property
     def nmi_pending(self) -> bool:
@@ -557,8 +568,14 @@ class LocalApic:
     def take_nmi(self) -> bool:
         """Consume one pending NMI (the VMM injects each with KVM_NMI, and KVM itself
         collapses what is beyond one in service plus one pending)."""
-        if self._rx_nmi.value > self._nmi_taken:
+        if not self._nmi_flag:
+            return False
+        self._nmi_flag = False
+        received = self._rx_nmi.value
+        if received > self._nmi_taken:
             self._nmi_taken += 1
+            if self._nmi_taken < received:
+                self._nmi_flag = True
             return True
         return False
 

@@ -1,0 +1,237 @@
+/* ipi_bench: IPI latencies measured with the guest's TSC, for `kvmpy bench ipi`.
+ *
+ * Command line: "n=K" samples per test (default 300, at most MAXS), "mode=x2apic|xapic"
+ * (default x2apic), "cpus=N" (default all), "scale=1" for the broadcast/multicast
+ * scaling tests instead of the two-CPU tests.
+ *
+ * Two-CPU tests (CPU 0 measures, CPU 1 responds), as kvm-unit-tests x86/vmexit.c:
+ *   rt        round trip: CPU 0 IPIs CPU 1, whose handler IPIs CPU 0 back; TSC before
+ *             the send to the moment CPU 0 sees the answer (vmexit's "ipi").
+ *   oneway    TSC before the ICR write on CPU 0 to the TSC at CPU 1's handler entry.
+ *   rt_halt, oneway_halt   the same with CPU 1 halted (sti; hlt) instead of polling
+ *             (vmexit's "ipi_halt").
+ *   send      sender-side cost of one ICR write to a destination that matches no CPU
+ *             (no delivery, no kick): TSC before and after the write.
+ *   send_kick the same to CPU 1 while it runs a polling loop (the kick included).
+ * Scaling tests (every CPU but 0 responds), cost per target:
+ *   bcast     one all-excluding-self IPI, until every target has acknowledged, / N-1.
+ *   mcast     logical (x2APIC cluster / xAPIC flat) IPIs, one per cluster, / N-1.
+ *
+ * Samples (u32 TSC deltas) stay in guest memory; for each test the guest prints
+ *   "ipi_bench: test NAME n=K addr=0xADDR"
+ * and the host reads them from guest RAM after the VM ends.
+ */
+#include "apic.h"
+
+#define MAXS 4096
+#define NTESTS 8
+#define VEC_PING 0x50
+#define VEC_PONG 0x51
+#define VEC_OW 0x52
+#define VEC_ACK 0x53
+#define NOBODY_X2 0x7fff0000u
+#define NOBODY_X 0xfeu
+
+enum { T_RT, T_OW, T_RT_HALT, T_OW_HALT, T_SEND, T_SEND_KICK, T_BCAST, T_MCAST };
+static const char *const test_name[NTESTS] = {"rt", "oneway", "rt_halt", "oneway_halt",
+                                              "send", "send_kick", "bcast", "mcast"};
+
+static u32 samples[NTESTS][MAXS];
+static volatile u32 pong, arrived, acks, responder_halts, phase_done;
+static volatile u64 t_recv;
+static u32 x2, ncpus, nsamples;
+static u32 ids[64];
+
+static inline u32 delta(u64 a, u64 b) { return b - a > 0xffffffffu ? 0xffffffffu : (u32)(b - a); }
+
+static void on_ping(struct frame *f) /* CPU 1: answer CPU 0 */
+{
+    (void)f;
+    apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | VEC_PONG, ids[0]);
+    apic_eoi();
+}
+
+static void on_pong(struct frame *f) /* CPU 0 */
+{
+    (void)f;
+    pong = 1;
+    apic_eoi();
+}
+
+static void on_oneway(struct frame *f) /* CPU 1: the time of arrival */
+{
+    (void)f;
+    t_recv = rdtsc();
+    arrived = 1;
+    apic_eoi();
+}
+
+static void on_ack(struct frame *f) /* scaling: every target */
+{
+    (void)f;
+    __atomic_fetch_add(&acks, 1, __ATOMIC_SEQ_CST);
+    apic_eoi();
+}
+
+static volatile u32 go;
+static void set_flat_ldr(void *arg);
+
+void ap_main(u32 cpu)
+{
+    (void)cpu;
+    if (!x2)
+        set_flat_ldr(0);
+    while (!go)
+        pause();
+    for (;;) {
+        if (responder_halts)
+            asm volatile("sti; hlt" : : : "memory");
+        else {
+            sti();
+            pause();
+        }
+    }
+}
+
+static void spin_until(volatile u32 *flag)
+{
+    while (!*flag)
+        pause();
+}
+
+static void two_cpu_tests(void)
+{
+    u32 nobody = x2 ? NOBODY_X2 : NOBODY_X;
+
+    for (u32 halt = 0; halt < 2; halt++) {
+        responder_halts = halt;
+        for (u32 i = 0; i < 50000 && halt; i++) /* let CPU 1 reach its hlt */
+            pause();
+        for (u32 i = 0; i < nsamples; i++) {
+            u64 t0, t1;
+            pong = 0;
+            t0 = rdtsc();
+            apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | VEC_PING, ids[1]);
+            spin_until(&pong);
+            t1 = rdtsc();
+            samples[halt ? T_RT_HALT : T_RT][i] = delta(t0, t1);
+        }
+        for (u32 i = 0; i < nsamples; i++) {
+            u64 t0;
+            arrived = 0;
+            t0 = rdtsc();
+            apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | VEC_OW, ids[1]);
+            spin_until(&arrived);
+            samples[halt ? T_OW_HALT : T_OW][i] = delta(t0, t_recv);
+        }
+    }
+    responder_halts = 0;
+    for (u32 i = 0; i < 50000; i++) /* CPU 1 back to polling, in guest mode */
+        pause();
+    for (u32 i = 0; i < nsamples; i++) {
+        u64 t0 = rdtsc();
+        apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | VEC_OW, nobody);
+        samples[T_SEND][i] = delta(t0, rdtsc());
+    }
+    for (u32 i = 0; i < nsamples; i++) {
+        u64 t0;
+        arrived = 0;
+        t0 = rdtsc();
+        apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | VEC_OW, ids[1]);
+        samples[T_SEND_KICK][i] = delta(t0, rdtsc());
+        spin_until(&arrived);
+    }
+    for (u32 t = T_RT; t <= T_SEND_KICK; t++)
+        printf("ipi_bench: test %s n=%u addr=0x%x\n", test_name[t], nsamples,
+               (u32)samples[t]);
+}
+
+static void scaling_tests(void)
+{
+    u32 targets = ncpus - 1;
+
+    responder_halts = 0;
+    for (u32 i = 0; i < nsamples; i++) {
+        u64 t0;
+        acks = 0;
+        t0 = rdtsc();
+        apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | APIC_DEST_ALLBUT | VEC_ACK, 0);
+        while (acks < targets)
+            pause();
+        samples[T_BCAST][i] = delta(t0, rdtsc()) / targets;
+    }
+    for (u32 i = 0; i < nsamples; i++) {
+        u64 t0;
+        acks = 0;
+        t0 = rdtsc();
+        if (x2) { /* one logical IPI per cluster of 16 x2APIC IDs */
+            for (u32 first = 1; first < ncpus; first = (first | 15) + 1) {
+                u32 mask = 0;
+                for (u32 c = first; c < ncpus && (ids[c] >> 4) == (ids[first] >> 4); c++)
+                    mask |= 1u << (ids[c] & 15);
+                apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | APIC_DEST_LOGICAL | VEC_ACK,
+                              ((ids[first] >> 4) << 16) | mask);
+            }
+        } else { /* xAPIC flat: LDR bit c for c < 8 */
+            apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | APIC_DEST_LOGICAL | VEC_ACK,
+                          ((1u << ncpus) - 1) & ~1u);
+        }
+        while (acks < targets)
+            pause();
+        samples[T_MCAST][i] = delta(t0, rdtsc()) / targets;
+    }
+    for (u32 t = T_BCAST; t <= T_MCAST; t++)
+        printf("ipi_bench: test %s n=%u addr=0x%x\n", test_name[t], nsamples,
+               (u32)samples[t]);
+}
+
+static void set_flat_ldr(void *arg)
+{
+    (void)arg;
+    apic_write(APIC_DFR, 0xffffffffu);
+    apic_write(APIC_LDR, (1u << cpu_index()) << 24);
+}
+
+int main(struct multiboot_info *mbi)
+{
+    const char *cmdline = mbi_cmdline(mbi);
+    const char *a;
+    u32 scale;
+
+    x2 = !((a = cmdline_value(cmdline, "mode")) && !strncmp(a, "xapic", 5));
+    nsamples = (a = cmdline_value(cmdline, "n")) ? parse_u32(a) : 300;
+    scale = (a = cmdline_value(cmdline, "scale")) ? parse_u32(a) : 0;
+    ncpus = (a = cmdline_value(cmdline, "cpus")) ? parse_u32(a) : smp_cpus_available();
+    if (nsamples > MAXS)
+        nsamples = MAXS;
+    if (ncpus < 2 || ncpus > 64 || (!x2 && scale && ncpus > 8)) {
+        printf("ipi_bench: need 2..64 cpus (xapic scaling: at most 8), have %u\n", ncpus);
+        return 1;
+    }
+    if (apic_enable(x2 ? APIC_MODE_X2APIC : APIC_MODE_XAPIC)) {
+        printf("ipi_bench: cannot enable the APIC\n");
+        return 1;
+    }
+    apic_set_handler(VEC_PING, on_ping);
+    apic_set_handler(VEC_PONG, on_pong);
+    apic_set_handler(VEC_OW, on_oneway);
+    apic_set_handler(VEC_ACK, on_ack);
+    if (smp_start(ncpus) != ncpus) {
+        printf("ipi_bench: only %u of %u cpus came up\n", smp_online(), ncpus);
+        return 1;
+    }
+    for (u32 c = 0; c < ncpus; c++)
+        ids[c] = smp_apic_id(c);
+    if (!x2)
+        set_flat_ldr(0);
+    printf("ipi_bench: cpus=%u mode=%s n=%u scale=%u\n", ncpus, x2 ? "x2apic" : "xapic",
+           nsamples, scale);
+    go = 1;
+    sti();
+    if (scale)
+        scaling_tests();
+    else
+        two_cpu_tests();
+    printf("ipi_bench: done\n");
+    return 0;
+}
