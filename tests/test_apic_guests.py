@@ -263,7 +263,7 @@ KUT_APIC_HOST_FAILURES = {
     "TMCCT should not be reset to TMICT value",
     "tsc deadline timer",
 }
-KUT_APIC_MIN_PASSES = 40  # QEMU+KVM: 51 of 55 in the x2APIC configuration
+KUT_APIC_MIN_PASSES = 50  # of 55; QEMU+KVM passes 51, kvmpy 54 (fails "multiple nmi")
 
 
 def kut_dir() -> Path:
@@ -307,7 +307,7 @@ def test_kvm_unit_tests_smptest(cpus: int, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_kvm_unit_tests_apic(tmp_path: Path) -> None:
     flat = kut_test("apic")
-    r = kvmpy_run(flat, "--cpus", "2", "--initrd", str(kut_env(tmp_path)), timeout=600)
+    r = kvmpy_run(flat, "--cpus", "2", "--initrd", str(kut_env(tmp_path)), timeout=900)
     out = r.stdout
     failed = set(re.findall(r"^FAIL: (.*?)\r?$", out, re.M))
     assert failed <= KUT_APIC_HOST_FAILURES, out
