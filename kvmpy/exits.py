@@ -54,12 +54,18 @@ class Fastpath(enum.Enum):
 
 _NONE = Fastpath.NONE
 _REENTER = Fastpath.REENTER_GUEST
+# Module-level names for the fastpath's comparisons: one global load each, not two.
+_WRMSR = k.KVM_EXIT_X86_WRMSR
+_MMIO = k.KVM_EXIT_MMIO
+_INTR = k.KVM_EXIT_INTR
+_XAPIC = ApicMode.XAPIC
+_MMIO_DATA_U32 = kr.MMIO_DATA // 4
 
 
 def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
     """The early fastpath. Hot: no lock, no logging, no allocation it can avoid."""
     reason = exit[0]
-    if reason == k.KVM_EXIT_X86_WRMSR:
+    if reason == _WRMSR:
         if not vcpu.fastpath_enabled:
             return _NONE
         index = exit[1]
@@ -86,13 +92,13 @@ def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
             vcpu.sync_timer()
             return _REENTER
         return _NONE
-    if reason == k.KVM_EXIT_MMIO:
+    if reason == _MMIO:
         if not vcpu.fastpath_enabled or not exit[3]:
             return _NONE
         apic = vcpu.apic
         if exit[1] == apic.base_address + XAPIC_ICR_LOW and exit[2] == 4 \
-                and apic.mode is ApicMode.XAPIC:
-            value = vcpu.view.u32[kr.MMIO_DATA // 4]
+                and apic.mode is _XAPIC:
+            value = vcpu.view.u32[_MMIO_DATA_U32]
             try:
                 if apic.icr_write_xapic_fast(value):
                     vcpu.stats.icr_fast += 1
@@ -102,7 +108,7 @@ def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
                 delivery_failed(vcpu, exc)
                 return _REENTER
         return _NONE
-    if reason == k.KVM_EXIT_INTR:
+    if reason == _INTR:
         # A kick: the request it carries is picked up by the injection at the loop top.
         return _REENTER
     return _NONE

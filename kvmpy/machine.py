@@ -128,10 +128,10 @@ class Machine:
                 self.tsc_hz = fd.get_tsc_khz() * 1000
                 apic: LocalApic | None = None
                 if not self.kernel_irqchip:
+                    tsc, tsc_at = _guest_tsc_clock(fd, self.tsc_hz)
                     apic = LocalApic(
                         i, self.apic_bus, bsp=(i == 0), clock_ns=time.monotonic_ns,
-                        tsc=_guest_tsc_clock(fd, self.tsc_hz), tsc_hz=self.tsc_hz,
-                        maxphyaddr=maxphyaddr,
+                        tsc=tsc, tsc_at=tsc_at, tsc_hz=self.tsc_hz, maxphyaddr=maxphyaddr,
                     )
                     fd_sregs = fd.get_sregs()  # KVM's view of IA32_APIC_BASE starts as ours
                     fd_sregs.apic_base = apic.apic_base
@@ -378,13 +378,17 @@ class Machine:
 MSR_IA32_TSC = 0x10
 
 
-def _guest_tsc_clock(fd: VcpuFd, tsc_hz: int) -> Callable[[], int]:
+def _guest_tsc_clock(fd: VcpuFd, tsc_hz: int) -> tuple[Callable[[], int], Callable[[int], int]]:
     """The vCPU's TSC as a function of host time: read once through KVM_GET_MSRS, then
-    extrapolated at KVM's TSC rate (KVM_GET_TSC_KHZ), for TSC-deadline arithmetic."""
+    extrapolated at KVM's TSC rate (KVM_GET_TSC_KHZ), for TSC-deadline arithmetic.
+    Returns (tsc now, tsc at a given time.monotonic_ns() reading)."""
     tsc0 = fd.get_msrs([MSR_IA32_TSC])[0]
     t0 = time.monotonic_ns()
 
-    def guest_tsc() -> int:
-        return tsc0 + (time.monotonic_ns() - t0) * tsc_hz // 1_000_000_000
+    def tsc_at(now_ns: int) -> int:
+        return tsc0 + (now_ns - t0) * tsc_hz // 1_000_000_000
 
-    return guest_tsc
+    def guest_tsc() -> int:
+        return tsc_at(time.monotonic_ns())
+
+    return guest_tsc, tsc_at

@@ -217,21 +217,18 @@ def test_apic_timer_modes(mode: str) -> None:
     assert out.rstrip().endswith("apic_timer: ok")
 
 
-# kvmpy bug: LocalApic.wrmsr(MSR_TSC_DEADLINE) calls set_tsc_deadline(value,
-# self.clock_ns(), self.tsc()), reading the host clock twice; a delay between the reads
-# (GIL hand-off, preemption on a loaded host) makes the deadline early by that delay.
-TSC_DEADLINE_EARLY = ("kvmpy reads the clock twice when arming a TSC deadline "
-                      "(apic/lapic.py, set_tsc_deadline): early by any delay in between")
+# A bug this found, fixed: LocalApic.wrmsr(MSR_TSC_DEADLINE) read the host clock twice
+# (clock_ns(), then tsc()); a delay between the reads (GIL hand-off, preemption on a
+# loaded host) made the deadline early by that delay. It now derives the TSC from the
+# one clock reading (LocalApic.tsc_at).
 
 
-@pytest.mark.xfail(reason=TSC_DEADLINE_EARLY, strict=False)  # only under load
 def test_tsc_deadline_interrupt_never_comes_early() -> None:
     r = run_guest("apic_timer", "--append", "mode=x2apic")
     rows = re.findall(r"^timing (\S+)-not-early: (\d) expected 1", r.stdout, re.M)
     assert rows == [("tsc-deadline-halted", "1"), ("tsc-deadline-busy", "1")], r.stdout
 
 
-@pytest.mark.xfail(reason=TSC_DEADLINE_EARLY, strict=True)
 def test_tsc_deadline_arming_is_immune_to_a_delay_between_clock_reads() -> None:
     from kvmpy.apic import constants as c
     from kvmpy.apic.testing import make_system, write_reg

@@ -35,6 +35,7 @@ _BIT_CHARS = bytes.maketrans(b"\x00\x01", b"01")
 _DISABLED = ApicMode.DISABLED
 _XAPIC = ApicMode.XAPIC
 _X2APIC = ApicMode.X2APIC
+_X2APIC_ICR_RESERVED = c.X2APIC_ICR_RESERVED
 _MMIO_HOLE = 0xFFFFFFFFFFFFFFFF
 
 
@@ -55,6 +56,7 @@ class LocalApic:
         bsp: bool,
         clock_ns: Callable[[], int],
         tsc: Callable[[], int],
+        tsc_at: Callable[[int], int] | None = None,
         tsc_hz: int,
         maxphyaddr: int = 52,
         x2apic_supported: bool = True,
@@ -65,6 +67,10 @@ class LocalApic:
         self.bsp = bsp
         self.clock_ns = clock_ns
         self.tsc = tsc
+        # The TSC at a given clock_ns time: TSC-deadline arming reads the clock once and
+        # derives the TSC from that reading (two reads would make the deadline early by
+        # whatever delay fell between them).
+        self.tsc_at = tsc_at
         self.tsc_hz = tsc_hz
         self.maxphyaddr = maxphyaddr
         self.x2apic_supported = x2apic_supported
@@ -234,7 +240,9 @@ class LocalApic:
             if self.mode is _DISABLED or self.timer.mode != c.TIMER_TSC_DEADLINE:
                 self._stats["tsc_deadline_ignored"] += 1
                 return
-            self.timer.set_tsc_deadline(value, self.clock_ns(), self.tsc())
+            now = self.clock_ns()
+            tsc_now = self.tsc_at(now) if self.tsc_at is not None else self.tsc()
+            self.timer.set_tsc_deadline(value, now, tsc_now)
             return
         if not c.X2APIC_MSR_FIRST <= msr <= c.X2APIC_MSR_LAST:
             self._stats["gp"] += 1
@@ -446,7 +454,7 @@ class LocalApic:
         """x2APIC ICR write (MSR 0x830), upstream ``kvm_x2apic_icr_write_fast`` contract:
         False, with no side effect, if not in x2APIC mode or a reserved bit (13, 17:16,
         31:20) is set; otherwise send the IPI, store ICR (bit 12 dropped), return True."""
-        if self.mode is not _X2APIC or value & c.X2APIC_ICR_RESERVED:
+        if self.mode is not _X2APIC or value & _X2APIC_ICR_RESERVED:
             return False
         low = value & 0xFFFFEFFF
         dest = (value >> 32) & 0xFFFFFFFF

@@ -25,6 +25,9 @@ class FakeClock:
     def tsc(self) -> int:
         return self.now * self.tsc_hz // 1_000_000_000
 
+    def tsc_at(self, ns: int) -> int:
+        return ns * self.tsc_hz // 1_000_000_000
+
     def advance(self, ns: int) -> int:
         self.now += ns
         return self.now
@@ -53,7 +56,8 @@ def make_system(
     bus = ApicBus(notified.append)
     apics = []
     for i in range(n):
-        apic = LocalApic(i, bus, bsp=(i == 0), clock_ns=clock.ns, tsc=clock.tsc, tsc_hz=tsc_hz)
+        apic = LocalApic(i, bus, bsp=(i == 0), clock_ns=clock.ns, tsc=clock.tsc,
+                         tsc_at=clock.tsc_at, tsc_hz=tsc_hz)
         bus.add(apic)
         if x2apic:
             apic.wrmsr(c.MSR_APIC_BASE, apic.rdmsr(c.MSR_APIC_BASE) | c.APIC_BASE_EXTD)
