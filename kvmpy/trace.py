@@ -91,6 +91,9 @@ class ExitStats:
         # only the ones it refused, which the slow path answers with #GP).
         self.icr_fast = 0
         self.icr_slow = 0
+        self.icr_fast_time = Histogram()  # handling time of ICR-write exits, per path
+        self.icr_slow_time = Histogram()
+        self.kick_time = Histogram()  # a sender's pthread_kill of this (in-guest) vCPU
         self.smi_dropped = 0
 
     def count_msr(self, op: str, index: int) -> None:
@@ -113,6 +116,10 @@ class ExitStats:
         self.delivery_failures += other.delivery_failures
         self.icr_fast += other.icr_fast
         self.icr_slow += other.icr_slow
+        self.icr_fast_time.merge(other.icr_fast_time)
+        self.icr_slow_time.merge(other.icr_slow_time)
+        self.kick_time.merge(other.kick_time)
+        self.smi_dropped += other.smi_dropped
 
 
 @dataclass(frozen=True)
