@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     ipi.add_argument("--plot", metavar="FILE.png", help="draw latency histograms")
     floor = bench_sub.add_parser("floor", help="ICR-write exit cost: kvmpy vs a C floor",
                                  allow_abbrev=False)
-    floor.add_argument("args", nargs=argparse.REMAINDER,
-                       help="passed to python -m kvmpy.bench.floor")
+    floor.add_argument("--n", type=int, default=20_000, help="ICR writes per run")
+    floor.add_argument("--repeats", type=int, default=5, help="runs of each side")
+    floor.add_argument("--json", action="store_true", help="print JSON, not a table")
     return p
 
 
@@ -175,7 +176,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "floor":
         from kvmpy.bench.floor import main as floor_main
 
-        return floor_main(args.args)
+        return floor_main([f"--n={args.n}", f"--repeats={args.repeats}"]
+                          + (["--json"] if args.json else []))
     import json
 
     from rich.progress import Progress
