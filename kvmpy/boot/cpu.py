@@ -28,21 +28,16 @@ CR0_ET = 1 << 4
 RFLAGS_RESERVED = 1 << 1
 
 
-def _flat_segment(selector: int, seg_type: int) -> KvmSegment:
+def _segment(base: int, limit: int, selector: int, seg_type: int, *, big: bool) -> KvmSegment:
+    """A present, DPL 0 code/data segment; `big`: 32-bit (D/B=1) with 4 KiB granularity."""
     return KvmSegment(
-        base=0,
-        limit=0xFFFF_FFFF,
-        selector=selector,
-        type=seg_type,
-        present=1,
-        dpl=0,
-        db=1,
-        s=1,
-        l=0,
-        g=1,
-        avl=0,
-        unusable=0,
+        base=base, limit=limit, selector=selector, type=seg_type, present=1, dpl=0,
+        db=int(big), s=1, l=0, g=int(big), avl=0, unusable=0,
     )
+
+
+def _flat_segment(selector: int, seg_type: int) -> KvmSegment:
+    return _segment(0, 0xFFFF_FFFF, selector, seg_type, big=True)
 
 
 def write_boot_gdt(mem: GuestMemory) -> None:
@@ -77,39 +72,9 @@ def setup_real_mode_sipi(vcpu: VcpuFd, vector: int) -> None:
     """The state an AP starts in after a Startup IPI (SDM 8.4.4.1, 10.6.1):
     real mode, CS selector = vector << 8, CS base = vector << 12, IP = 0."""
     sregs = vcpu.get_sregs()
-    sregs.cs = KvmSegment(
-        base=vector << 12,
-        limit=0xFFFF,
-        selector=vector << 8,
-        type=0xB,
-        present=1,
-        dpl=0,
-        db=0,
-        s=1,
-        l=0,
-        g=0,
-        avl=0,
-        unusable=0,
-    )
+    sregs.cs = _segment(vector << 12, 0xFFFF, vector << 8, 0xB, big=False)
     for name in ("ds", "es", "fs", "gs", "ss"):
-        setattr(
-            sregs,
-            name,
-            KvmSegment(
-                base=0,
-                limit=0xFFFF,
-                selector=0,
-                type=0x3,
-                present=1,
-                dpl=0,
-                db=0,
-                s=1,
-                l=0,
-                g=0,
-                avl=0,
-                unusable=0,
-            ),
-        )
+        setattr(sregs, name, _segment(0, 0xFFFF, 0, 0x3, big=False))
     sregs.gdt.base = sregs.idt.base = 0
     sregs.gdt.limit = sregs.idt.limit = 0xFFFF
     sregs.cr0 = CR0_ET
