@@ -54,8 +54,8 @@ LVT_WRITABLE = (
     0xFF | 0x700 | 1 << 13 | 1 << 15 | MASKED,  # LINT1
     0xFF | MASKED,  # error
 )
-# Read-only LVT bits an x2APIC WRMSR may carry without #GP. The SDM shows remote IRR
-# only in LINT0/1; the model also accepts bit 14 in the other LVTs (see
+# Read-only LVT bits an x2APIC WRMSR may carry without #GP: delivery status everywhere,
+# remote IRR only in LINT0/1 (SDM Figure 10-8; see
 # test_x2apic_lvt_bit14_reserved_outside_lint below).
 LVT_X2_READ_ONLY = DS | REMOTE_IRR
 XAPIC_ICR_FIELDS = 0xFF | 0x700 | 1 << 11 | 1 << 14 | 1 << 15 | 3 << 18
@@ -93,7 +93,8 @@ for _w in range(8):
     for _base in (ISR0, TMR0, IRR0):
         X2_REGS[_base + 0x10 * _w] = (True, False, 0)
 for _i in range(6):
-    X2_REGS[LVT0 + 0x10 * _i] = (True, True, LVT_WRITABLE[_i] | LVT_X2_READ_ONLY)
+    X2_REGS[LVT0 + 0x10 * _i] = (
+        True, True, LVT_WRITABLE[_i] | (LVT_X2_READ_ONLY if _i in (3, 4) else DS))
 
 
 def divisor(tdcr: int) -> int:
@@ -1104,12 +1105,6 @@ def test_shadow_predicts_power_up_state():
 
 @pytest.mark.parametrize(
     "msr", [0x832, 0x833, 0x834, 0x837], ids=["timer", "thermal", "perf", "error"]
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="model bug: x2APIC WRMSR accepts LVT bit 14 (remote IRR) in LVTs that have none; "
-    "SDM Figure 10-8 shows it only in LINT0/1, so it is reserved there and must #GP "
-    "(SDM 10.12.1.3)",
 )
 def test_x2apic_lvt_bit14_reserved_outside_lint(msr):
     m = ApicMachine()

@@ -30,7 +30,10 @@ class RegSpec:
 
 
 def _lvt_reserved(index: int) -> int:
-    return ~(c.LVT_WRITABLE[index] | c.LVT_READ_ONLY) & 0xFFFFFFFF
+    """Reserved LVT bits (SDM Figure 10-8): delivery status is read-only in every LVT,
+    remote IRR exists only in LINT0/LINT1 and is reserved in the others."""
+    remote_irr = c.LVT_REMOTE_IRR if index in (c.LVT_LINT0, c.LVT_LINT1) else 0
+    return ~(c.LVT_WRITABLE[index] | c.LVT_DELIVERY_STATUS | remote_irr) & 0xFFFFFFFF
 
 
 _FULL = 0xFFFFFFFF
