@@ -15,6 +15,10 @@ from kvmpy.kvm.system import VcpuFd
 from kvmpy.memory import GuestMemory
 
 BOOT_GDT_ADDRESS = 0x500  # in the BIOS data area, unused by multiboot kernels
+# ESP is undefined at multiboot entry; kvmpy points it into free low memory (below the
+# AP trampoline page 0x8000 and the MBI at 0x9000) so that a kernel which calls a
+# function before setting up its own stack still has one.
+BOOT_STACK_TOP = 0x7000
 CODE32_SELECTOR = 0x08
 DATA32_SELECTOR = 0x10
 BOOT_GDT = [
@@ -64,6 +68,7 @@ def setup_protected_mode(vcpu: VcpuFd, *, entry: int, eax: int, ebx: int) -> Non
     regs.rip = entry
     regs.rax = eax
     regs.rbx = ebx
+    regs.rsp = BOOT_STACK_TOP
     regs.rflags = RFLAGS_RESERVED
     vcpu.set_regs(regs)
 
