@@ -762,6 +762,20 @@ static void op_other_msr(struct cpu_state *st, u32 r)
     count_fault(st);
 }
 
+/* Chaos only: the registers that take a CPU out of the counted IPIs: SVR (software
+ * disable, focus bit, spurious vector), the xAPIC ID, LDR and DFR. */
+static void op_identity(struct cpu_state *st, u32 r)
+{
+    static const u32 regs[4] = {APIC_SVR, APIC_ID, APIC_LDR, APIC_DFR};
+    u32 reg = regs[(r >> 8) & 3], v = xorshift(&st->rng);
+
+    if (reg == APIC_SVR)
+        v &= 0x3ff;
+    reg_write(st, reg, v);
+    st->msr_wr++;
+    count_fault(st);
+}
+
 /* A counted IPI (calm phase only): fixed physical, self shorthand, SELF_IPI MSR, or a
  * broadcast; tokens first, then the receptive check, then the send. */
 static void op_token(struct cpu_state *st, u32 cpu, u32 r)
@@ -878,6 +892,8 @@ static void one_op(struct cpu_state *st, u32 cpu, int calm)
     default:
         if (calm)
             op_token(st, cpu, r);
+        else if (r & 0x100000)
+            op_identity(st, r);
         else
             op_apic_base(st, r, 0);
     }
