@@ -5,7 +5,8 @@
 `__handle_fastpath_wrmsr`). It runs right after KVM_RUN returns, before the VM-wide
 exit lock (kvmpy's srcu_read_lock), before stats and tracing, and handles every ICR
 write: x2APIC MSR 0x830, SELF_IPI 0x83f, the TSC-deadline MSR, and (beyond upstream)
-the xAPIC ICR-low MMIO write. It returns a `Fastpath`, never a fake exit reason.
+the xAPIC ICR-low MMIO write, and the x2APIC timer registers (LVT timer, initial count,
+divide). It returns a `Fastpath`, never a fake exit reason.
 
 Contract for a failed fast attempt (upstream `kvm_x2apic_icr_write_fast`): reserved
 bits are checked first, and a write that would #GP returns NONE with no side effect,
@@ -60,6 +61,9 @@ _MMIO = k.KVM_EXIT_MMIO
 _INTR = k.KVM_EXIT_INTR
 _XAPIC = ApicMode.XAPIC
 _MMIO_DATA_U32 = kr.MMIO_DATA // 4
+# TSC_DEADLINE, and the x2APIC LVT timer (0x832), initial count (0x838) and divide
+# configuration (0x83e) registers.
+_TIMER_MSRS = frozenset((MSR_TSC_DEADLINE, 0x832, 0x838, 0x83E))
 
 
 def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
@@ -84,7 +88,9 @@ def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
         except Exception as exc:  # noqa: BLE001 - see delivery_failed
             delivery_failed(vcpu, exc)
             return _REENTER
-        if index == MSR_TSC_DEADLINE:
+        if index in _TIMER_MSRS:
+            # The timer registers (upstream: the TSC-deadline fastpath): a write that
+            # would #GP raises before it changes anything, and goes to the slow path.
             try:
                 apic.wrmsr(index, exit[2])
             except ApicGP:

@@ -368,6 +368,31 @@ def test_tsc_deadline_write_on_the_fastpath_arms_the_timer():
     assert vcpu.timer_syncs == 1
 
 
+@pytest.mark.parametrize("msr, value, read_back", [
+    (0x838, 123_456, 123_456),  # initial count: starts the count-down
+    (0x83E, 0xB, 0xB),  # divide configuration: divide by 1
+    (0x832, 1 << 17 | 0x40, 1 << 17 | 0x40),  # LVT timer: periodic, vector 0x40
+])
+def test_timer_register_writes_take_the_fastpath(msr: int, value: int, read_back: int):
+    system, vcpu = x2apic_vcpu()
+    assert fast(vcpu, wrmsr(msr, value)) is Fastpath.REENTER_GUEST
+    assert system[0].rdmsr(msr) == read_back
+    assert vcpu.timer_syncs == 1
+
+
+@pytest.mark.parametrize("msr, value", [
+    (0x838, 1 << 32),  # upper half of a 32-bit register is reserved
+    (0x832, 1 << 14),  # remote IRR: reserved outside LINT0/1
+    (0x83E, 1 << 4),  # divide configuration bit 4 is reserved
+])
+def test_timer_register_write_that_would_gp_falls_back_with_no_side_effect(msr: int,
+                                                                            value: int):
+    system, vcpu = x2apic_vcpu()
+    before = system[0].rdmsr(msr)
+    assert fast(vcpu, wrmsr(msr, value)) is Fastpath.NONE
+    assert system[0].rdmsr(msr) == before and vcpu.timer_syncs == 0
+
+
 # ---------------------------------------------------------------- xAPIC ICR MMIO write
 
 
