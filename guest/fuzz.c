@@ -3,7 +3,7 @@
  *
  * Command line: "seed=S" (default 1), "ops=N" operations in total, split across the CPUs
  * (default 2000), "cpus=C" (default all, at most 8), "mode=xapic|x2apic|mixed" (the mode
- * of the calm phases, default mixed).
+ * of the calm phases, default mixed), "initsipi=1" (the BSP also resets APs mid-run).
  *
  * Operations, chosen at random: RDMSR/WRMSR of random x2APIC MSRs 0x800-0x8ff with random
  * values; IA32_APIC_BASE writes (invalid transitions, reserved bits, EN/EXTD switches,
@@ -28,6 +28,13 @@
  * into INIT level de-assert: an INIT would reset a CPU into wait-for-SIPI, and the BSP
  * has no firmware to restart in), so they cannot invent or destroy counted interrupts.
  *
+ * initsipi=1: now and then the BSP asks an AP to park (it drains its tokens, resets its
+ * APIC to xAPIC so that an INIT reaches it, and spins with interrupts off), sends it INIT
+ * (into wait-for-SIPI) and SIPI to fz_tramp at RESTART_PAGE, which finds the CPU's index
+ * by its APIC ID and resumes its loop where it stopped (resets=). Random SIPIs then point
+ * at the same page, and no NMI is sent at all: an NMI landing in the real-mode trampoline
+ * (no IDT yet) would crash the guest by the guest's own fault.
+ *
  * Faults: every fuzzed instruction runs inside a recovery window (per CPU): an exception
  * there resumes after the instruction and is counted (gp=, other_faults=). An exception
  * outside a window is unexpected: it is printed and the guest exits with 3. NMIs do not
@@ -50,6 +57,8 @@
 #define BURST_MAX 24            /* interrupts within one op before the timer is stopped */
 #define DRAIN_POLLS 50000       /* ~5 s: only a lost token waits this out */
 #define GP 13
+#define RESTART_PAGE 0x4000u    /* initsipi=1: SIPI vector 4 restarts a CPU in fz_tramp */
+#define RESTART_POLLS 200000
 
 enum { M_DISABLED = 0, M_XAPIC = 1, M_X2APIC = 2 };
 
@@ -67,7 +76,7 @@ struct cpu_state {
     u32 tok_sent, tok_busy, tok_refused, send_faults, drain_timeouts;
     u32 base_writes, base_mismatch, hole_bad, mmio_bad, restore_faults;
     u32 msr_rd, msr_wr, mmio_rd, mmio_wr, pio, pio_str, icr_random, timer_ops;
-    u32 phases;
+    u32 phases, done, resets, restart_timeouts;
     u8 iobuf[64];
 } __attribute__((aligned(64)));
 
@@ -76,9 +85,13 @@ static volatile u32 token[MAX_CPUS][NTOK];
 static volatile u32 receptive[MAX_CPUS];
 static volatile u32 received[MAX_CPUS][NTOK];
 static u32 sent[MAX_CPUS][MAX_CPUS][NTOK];     /* [sender][target][vector] */
-static u32 ids[MAX_CPUS];
+u32 fz_ids[MAX_CPUS];      /* APIC ID of each CPU index (the restart trampoline reads it) */
+#define ids fz_ids
 static u32 ncpus, quota, seed, calm_mode, maxphyaddr;
 static volatile u32 go, finished, unexpected;
+static u32 initsipi;
+static volatile u32 park_req[MAX_CPUS];    /* 1: the BSP asks; 2: finished, no more */
+static volatile u32 parked[MAX_CPUS];
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -356,6 +369,10 @@ static u32 filter_icr(u32 low)
         low = (low & ~0xffu) | fv(low);
     if (dm == 5)
         low = (low & ~APIC_INT_ASSERT) | APIC_INT_LEVELTRIG;
+    if (initsipi && dm == 6)
+        low = (low & ~0xffu) | (RESTART_PAGE >> 12);    /* a SIPI may restart a CPU */
+    if (initsipi && dm == 4)
+        low = (low & ~0x7ffu) | fv(low);    /* no NMIs: one could hit a restart trampoline */
     return low;
 }
 
@@ -710,6 +727,9 @@ static void op_nmi(struct cpu_state *st, u32 r)
 {
     static const u32 shorthand[4] = {0, APIC_DEST_SELF, APIC_DEST_ALLINC, APIC_DEST_ALLBUT};
 
+    if (initsipi)
+        return;
+
     send_icr(st, APIC_DM_NMI | APIC_INT_ASSERT | shorthand[(r >> 8) & 3],
              ids[(r >> 12) % ncpus]);
     count_fault(st);
@@ -900,6 +920,109 @@ static void one_op(struct cpu_state *st, u32 cpu, int calm)
     st->ops++;
 }
 
+static void fuzz_loop(struct cpu_state *st, u32 cpu);
+
+/* initsipi=1: this CPU stops taking part (tokens drained), leaves its APIC enabled in
+ * xAPIC mode with its own ID (an INIT must reach it), and spins with interrupts off
+ * until the BSP's INIT resets it and a SIPI restarts it in fz_tramp. */
+static void park(struct cpu_state *st, u32 cpu) __attribute__((noreturn));
+static void park(struct cpu_state *st, u32 cpu)
+{
+    if (st->calm_left)
+        close_calm(st, cpu);
+    reset_apic(st, M_XAPIC, XAPIC_DEFAULT_BASE);
+    cli();
+    __atomic_store_n(&parked[cpu], 1, __ATOMIC_SEQ_CST);
+    for (;;)
+        pause();
+}
+
+/* Called by fz_tramp on the restarted CPU's own stack: the loop goes on where it was. */
+void fz_restart(u32 cpu) __attribute__((noreturn));
+void fz_restart(u32 cpu)
+{
+    struct cpu_state *st = &cs[cpu];
+    u64 base = rdmsr(MSR_IA32_APIC_BASE);
+
+    kvmpy_load_idt();
+    st->rec = 0;
+    st->mode = mode_of(base);
+    st->base = (u32)base & APIC_BASE_ADDR_MASK;
+    st->base_hi = (u32)(base >> 32);
+    st->resets++;
+    st->calm_left = 0;
+    st->chaos_left = 1;
+    __atomic_store_n(&park_req[cpu], 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&parked[cpu], 0, __ATOMIC_SEQ_CST);
+    sti();
+    open_calm(st, cpu);
+    fuzz_loop(st, cpu);
+    for (;;)
+        asm volatile("sti; hlt" : : : "memory");
+}
+
+/* BSP, calm phase, initsipi=1: INIT and SIPI to a parked AP, which resumes its loop. */
+static void op_reset_ap(struct cpu_state *st, u32 r)
+{
+    u32 t, i;
+
+    if (ncpus < 2)
+        return;
+    t = 1 + r % (ncpus - 1);
+    st->ops++;
+    if (!claim(&park_req[t]))
+        return;                                 /* finished already */
+    for (i = 0; i < RESTART_POLLS && !parked[t]; i++)
+        pause();
+    if (!parked[t]) {
+        st->restart_timeouts++;
+        return;
+    }
+    send_icr(st, APIC_DM_INIT | APIC_INT_ASSERT, ids[t]);
+    for (u32 k = 0; k < 2 && parked[t]; k++) {
+        send_icr(st, APIC_DM_STARTUP | (RESTART_PAGE >> 12), ids[t]);
+        for (i = 0; i < 100 && parked[t]; i++)
+            pause();
+    }
+    for (i = 0; i < RESTART_POLLS && parked[t]; i++)
+        pause();
+    if (parked[t])
+        st->restart_timeouts++;
+}
+
+static void fuzz_loop(struct cpu_state *st, u32 cpu)
+{
+    for (;;) {
+        if (st->done >= quota) {
+            u32 old = 0;
+            asm volatile("lock cmpxchgl %2, %1" : "+a"(old), "+m"(park_req[cpu]) : "r"(2u)
+                         : "memory");
+            if (old == 1)
+                park(st, cpu);
+            break;
+        }
+        if (park_req[cpu] == 1)
+            park(st, cpu);
+        if (st->calm_left) {
+            if (initsipi && cpu == 0 && (xorshift(&st->rng) & 63) == 0)
+                op_reset_ap(st, st->rng);
+            else
+                one_op(st, cpu, 1);
+            if (!--st->calm_left)
+                close_calm(st, cpu);
+        } else {
+            one_op(st, cpu, 0);
+            if (!--st->chaos_left)
+                open_calm(st, cpu);
+        }
+        st->done++;
+    }
+    if (st->calm_left)
+        close_calm(st, cpu);
+    reset_apic(st, M_XAPIC, XAPIC_DEFAULT_BASE);  /* timers off, quiet */
+    __atomic_fetch_add(&finished, 1, __ATOMIC_SEQ_CST);
+}
+
 static void fuzz(u32 cpu)
 {
     struct cpu_state *st = &cs[cpu];
@@ -915,22 +1038,56 @@ static void fuzz(u32 cpu)
     st->base_hi = (u32)(base >> 32);
     sti();
     open_calm(st, cpu);
-    for (u32 i = 0; i < quota; i++) {
-        if (st->calm_left) {
-            one_op(st, cpu, 1);
-            if (!--st->calm_left)
-                close_calm(st, cpu);
-        } else {
-            one_op(st, cpu, 0);
-            if (!--st->chaos_left)
-                open_calm(st, cpu);
-        }
-    }
-    if (st->calm_left)
-        close_calm(st, cpu);
-    reset_apic(st, M_XAPIC, XAPIC_DEFAULT_BASE);  /* timers off, quiet */
-    __atomic_fetch_add(&finished, 1, __ATOMIC_SEQ_CST);
+    fuzz_loop(st, cpu);
 }
+
+/* The restart trampoline (SDM 8.4.4.1, 9.9.1), like guest/lib/trampoline.S but the CPU
+ * keeps its index: it finds its APIC ID (CPUID.1:EBX[31:24]) in fz_ids and takes that
+ * index's stack, so cpu_index() is unchanged. */
+extern char fz_tramp_start[], fz_tramp_end[], fz_tramp_gdtr[], kvmpy_gdt_descr[];
+asm(".section .rodata\n"
+    ".code16\n"
+    ".align 16\n"
+    "fz_tramp_start:\n"
+    "    cli\n"
+    "    cld\n"
+    "    lgdtl %cs:(fz_tramp_gdtr - fz_tramp_start)\n"
+    "    movl %cr0, %eax\n"
+    "    orl $1, %eax\n"
+    "    movl %eax, %cr0\n"
+    "    ljmpl $0x08, $fz_tramp32\n"
+    ".align 4\n"
+    "fz_tramp_gdtr:\n"
+    "    .word 0\n"
+    "    .long 0\n"
+    "fz_tramp_end:\n"
+    ".text\n"
+    ".code32\n"
+    "fz_tramp32:\n"
+    "    movl $0x10, %eax\n"
+    "    movl %eax, %ds\n"
+    "    movl %eax, %es\n"
+    "    movl %eax, %fs\n"
+    "    movl %eax, %gs\n"
+    "    movl %eax, %ss\n"
+    "    movl $1, %eax\n"
+    "    cpuid\n"
+    "    shrl $24, %ebx\n"
+    "    xorl %ecx, %ecx\n"
+    "1:  cmpl %ebx, fz_ids(,%ecx,4)\n"
+    "    je 2f\n"
+    "    incl %ecx\n"
+    "    cmpl $8, %ecx\n"
+    "    jb 1b\n"
+    "3:  cli\n"
+    "    hlt\n"
+    "    jmp 3b\n"
+    "2:  leal 1(%ecx), %eax\n"
+    "    shll $12, %eax\n"
+    "    leal kvmpy_stacks(%eax), %esp\n"
+    "    pushl %ecx\n"
+    "    call fz_restart\n"
+    "    jmp 3b\n");
 
 void ap_main(u32 cpu)
 {
@@ -953,6 +1110,7 @@ int main(struct multiboot_info *mbi)
     ops = (a = cmdline_value(cmdline, "ops")) ? parse_u32(a) : 2000;
     ncpus = (a = cmdline_value(cmdline, "cpus")) ? parse_u32(a) : smp_cpus_available();
     calm_mode = 3;
+    initsipi = (a = cmdline_value(cmdline, "initsipi")) ? parse_u32(a) : 0;
     if ((a = cmdline_value(cmdline, "mode"))) {
         if (!strncmp(a, "xapic", 5))
             calm_mode = M_XAPIC;
@@ -986,9 +1144,13 @@ int main(struct multiboot_info *mbi)
         handler[v] = on_interrupt;
     for (u32 v = 0; v < NTOK; v++)
         handler[TOK_BASE + v] = on_token;
-    printf("fuzz: seed=%u cpus=%u mode=%s ops=%u\n", seed, ncpus,
+    printf("fuzz: seed=%u cpus=%u mode=%s ops=%u initsipi=%u\n", seed, ncpus,
            calm_mode == 3 ? "mixed" : calm_mode == M_XAPIC ? "xapic" : "x2apic",
-           quota * ncpus);
+           quota * ncpus, initsipi);
+    if (initsipi) {
+        memcpy((void *)RESTART_PAGE, fz_tramp_start, fz_tramp_end - fz_tramp_start);
+        memcpy((void *)(RESTART_PAGE + (fz_tramp_gdtr - fz_tramp_start)), kvmpy_gdt_descr, 6);
+    }
     go = 1;
     fuzz(0);
     while (finished < ncpus)
@@ -1020,11 +1182,12 @@ int main(struct multiboot_info *mbi)
            "tokens_refused=%u send_faults=%u drain_timeouts=%u\n",
            SUM(tok_sent), tok_expected, tok_recv, SUM(tok_busy), SUM(tok_refused),
            SUM(send_faults), SUM(drain_timeouts));
-    printf("fuzz: base_mismatch=%u hole_bad=%u mmio_bad=%u restore_faults=%u\n",
-           SUM(base_mismatch), SUM(hole_bad), SUM(mmio_bad), SUM(restore_faults));
+    printf("fuzz: base_mismatch=%u hole_bad=%u mmio_bad=%u restore_faults=%u resets=%u "
+           "restart_timeouts=%u\n", SUM(base_mismatch), SUM(hole_bad), SUM(mmio_bad),
+           SUM(restore_faults), SUM(resets), SUM(restart_timeouts));
     printf("fuzz: lost=%u invented=%u\n", lost, invented);
     bad = lost + invented + SUM(base_mismatch) + SUM(hole_bad) + SUM(mmio_bad)
-          + SUM(send_faults) + SUM(restore_faults);
+          + SUM(send_faults) + SUM(restore_faults) + SUM(restart_timeouts);
     if (bad) {
         printf("fuzz: FAILED\n");
         return 1;

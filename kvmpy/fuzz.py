@@ -54,6 +54,7 @@ class FuzzResult:
     mode: str
     status: int
     message: str
+    initsipi: bool = False
     counters: dict[str, int] = field(default_factory=dict)  # the guest's key=value lines
     exits: dict[str, int] = field(default_factory=dict)  # exit reason name -> count
     icr_fast: int = 0
@@ -104,7 +105,7 @@ class FuzzResult:
 
     def repro(self) -> str:
         return (f"python -m kvmpy.fuzz --seeds {self.seed} --ops {self.ops} "
-                f"--cpus {self.cpus} --mode {self.mode}")
+                f"--cpus {self.cpus} --mode {self.mode}" + (" --initsipi" if self.initsipi else ""))
 
 
 class _Collect(logging.Handler):
@@ -126,8 +127,10 @@ def _open_fds() -> int:
 
 
 def run_fuzz(seed: int, ops: int = 2000, cpus: int = 2, mode: str = "mixed",
-             timeout: float = 120.0, *, fastpath: bool = True) -> FuzzResult:
-    """One run of the fuzz guest (guest/fuzz.c) in this process."""
+             timeout: float = 120.0, *, fastpath: bool = True,
+             initsipi: bool = False) -> FuzzResult:
+    """One run of the fuzz guest (guest/fuzz.c) in this process. `initsipi`: the BSP also
+    resets APs mid-run with INIT and restarts them with a SIPI."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     image = build_guest("fuzz").read_bytes()
@@ -143,7 +146,7 @@ def run_fuzz(seed: int, ops: int = 2000, cpus: int = 2, mode: str = "mixed",
         old_hook(args)
 
     threads0, fds0 = threading.active_count(), _open_fds()
-    cmdline = f"seed={seed} ops={ops} cpus={cpus} mode={mode}"
+    cmdline = f"seed={seed} ops={ops} cpus={cpus} mode={mode} initsipi={int(initsipi)}"
     config = MachineConfig(cpus=cpus, memory=64 << 20, cmdline=cmdline, serial=out,
                            fastpath=fastpath)
     logger.addHandler(collect)
@@ -173,8 +176,8 @@ def run_fuzz(seed: int, ops: int = 2000, cpus: int = 2, mode: str = "mixed",
     exits = {EXIT_REASON_NAMES.get(r, f"reason {r}"): n for r, n in enumerate(stats.count) if n}
     return FuzzResult(
         seed=seed, ops=ops, cpus=cpus, mode=mode, status=result.status,
-        message=result.message, counters=counters, exits=exits, icr_fast=stats.icr_fast,
-        icr_slow=stats.icr_slow, delivery_failures=stats.delivery_failures,
+        message=result.message, initsipi=initsipi, counters=counters, exits=exits,
+        icr_fast=stats.icr_fast, icr_slow=stats.icr_slow, delivery_failures=stats.delivery_failures,
         smi_dropped=stats.smi_dropped, unclaimed_pio=unclaimed_pio,
         unclaimed_mmio=unclaimed_mmio, apic_events=dict(apic_events),
         host_errors=tuple(errors + collect.lines),
@@ -194,22 +197,24 @@ class Task:
     mode: str
     timeout: float
     fastpath: bool
+    initsipi: bool = False
 
 
 def _child(task: Task, conn: multiprocessing.connection.Connection) -> None:
     try:
         result = run_fuzz(task.seed, task.ops, task.cpus, task.mode, task.timeout,
-                          fastpath=task.fastpath)
+                          fastpath=task.fastpath, initsipi=task.initsipi)
     except BaseException as exc:  # noqa: BLE001 - reported as a host exception
         result = FuzzResult(task.seed, task.ops, task.cpus, task.mode, STATUS_VMM_FAULT,
                             f"runner: run_fuzz raised {type(exc).__name__}: {exc}",
-                            host_errors=(repr(exc),))
+                            task.initsipi, host_errors=(repr(exc),))
     conn.send(result)
     conn.close()
 
 
 def _failed_task(task: Task, message: str) -> FuzzResult:
-    return FuzzResult(task.seed, task.ops, task.cpus, task.mode, STATUS_VMM_FAULT, message)
+    return FuzzResult(task.seed, task.ops, task.cpus, task.mode, STATUS_VMM_FAULT, message,
+                      task.initsipi)
 
 
 def run_many(tasks: list[Task], jobs: int = 1,
@@ -286,6 +291,7 @@ class Summary:
     interrupts: int = 0
     nmi: int = 0
     tokens: int = 0
+    resets: int = 0
     exits: Counter[str] = field(default_factory=Counter)
     icr_fast: int = 0
     icr_slow: int = 0
@@ -312,6 +318,7 @@ class Summary:
             s.interrupts += r.counters.get("interrupts", 0)
             s.nmi += r.counters.get("nmi", 0)
             s.tokens += r.counters.get("tokens_received", 0)
+            s.resets += r.counters.get("resets", 0)
             s.exits.update(r.exits)
             s.icr_fast += r.icr_fast
             s.icr_slow += r.icr_slow
@@ -336,13 +343,14 @@ class Summary:
 
 
 def print_report(s: Summary, *, seeds: str, ops: int, cpus: list[int], mode: str,
-                 jobs: int, wall: float) -> None:
+                 jobs: int, wall: float, initsipi: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=120)
     t = Table(title=f"kvmpy guest fuzzer (guest/fuzz.c): seeds {seeds}, {ops} ops per run, "
-                    f"vCPUs {' '.join(map(str, cpus))}, mode {mode}")
+                    f"vCPUs {' '.join(map(str, cpus))}, mode {mode}"
+                    + (", INIT/SIPI resets" if initsipi else ""))
     t.add_column("what")
     t.add_column("count", justify="right")
     rows = [
@@ -353,6 +361,7 @@ def print_report(s: Summary, *, seeds: str, ops: int, cpus: list[int], mode: str
         ("interrupts handled by the guests", s.interrupts),
         ("NMIs handled", s.nmi),
         ("counted IPIs received (exact)", s.tokens),
+        ("APs reset by INIT and restarted by SIPI", s.resets),
         ("ICR writes on the fastpath / slow path", f"{s.icr_fast} / {s.icr_slow}"),
         ("unclaimed port accesses", s.unclaimed_pio),
         ("unclaimed MMIO accesses", s.unclaimed_mmio),
@@ -400,18 +409,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--timeout", type=float, default=120.0, help="per run, seconds")
     p.add_argument("--no-fastpath", action="store_true")
+    p.add_argument("--initsipi", action="store_true",
+                   help="the BSP also resets APs with INIT and restarts them with SIPI")
     p.add_argument("--strict", action="store_true",
                    help="also exit 1 on guest crashes and guest-detected failures")
     p.add_argument("--progress", action="store_true", help="a line per run on stderr")
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
-    tasks = [Task(seed, args.ops, cpus, args.mode, args.timeout, not args.no_fastpath)
-             for cpus in args.cpus for seed in seeds]
+    tasks = [Task(seed, args.ops, cpus, args.mode, args.timeout, not args.no_fastpath,
+                  args.initsipi) for cpus in args.cpus for seed in seeds]
     t0 = time.monotonic()
     results = run_many(tasks, args.jobs, progress=args.progress)
     summary = Summary.of(results)
     print_report(summary, seeds=args.seeds, ops=args.ops, cpus=args.cpus, mode=args.mode,
-                 jobs=args.jobs, wall=time.monotonic() - t0)
+                 jobs=args.jobs, wall=time.monotonic() - t0, initsipi=args.initsipi)
     if summary.must_fail:
         return 1
     if args.strict and (summary.crashes or summary.guest_failures):

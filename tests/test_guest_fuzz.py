@@ -57,6 +57,8 @@ def test_the_fuzzer_really_exercised_kvmpy(results: list[FuzzResult]) -> None:
     for event in ("mode_disabled", "mode_xapic", "mode_x2apic", "gp", "timer_fired"):
         assert s.apic_events[event] > 0, s.apic_events
     assert s.must_fail is False
+    # Every interrupt kvmpy injected reached a guest handler, none more.
+    assert s.interrupts == s.apic_events["injected"]
 
 
 def test_parse_seeds() -> None:
@@ -71,3 +73,14 @@ def test_the_command_line_runs_seeds_in_children_and_prints_the_table(
     assert rc == 0, out
     assert "operations fuzzed (total)" in out and "400" in out
     assert "hangs (must be 0)" in out and "X86_WRMSR" in out
+
+
+def test_aps_reset_by_init_and_restarted_by_sipi_mid_run() -> None:
+    threads = threading.active_count()
+    r = run_fuzz(3, ops=600, cpus=3, mode="mixed", timeout=60, initsipi=True)
+    assert r.status == 1 and "fuzz: done" in r.output, (r.message, r.output[-2000:])
+    assert r.ok, (r.message, r.host_errors)
+    assert r.counters["resets"] > 0 and r.counters["restart_timeouts"] == 0
+    assert r.apic_events["init_received"] > 2  # more than the two of the SMP bring-up
+    assert r.counters["tokens_received"] == r.counters["tokens_expected"]
+    assert threading.active_count() == threads
