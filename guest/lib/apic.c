@@ -45,7 +45,11 @@ int apic_set_base(u64 value)
 
 static void ignore_spurious(struct frame *f)
 {
-    (void)f;    /* a spurious interrupt sets no ISR bit: no EOI (SDM 10.9) */
+    /* A spurious interrupt sets no ISR bit and takes no EOI (SDM 10.9); a real IPI or
+     * timer interrupt on the same vector does, or it would block every later one. */
+    (void)f;
+    if (apic_read(APIC_ISR + 0x70) & (1u << 31))
+        apic_eoi();
 }
 
 int apic_enable(enum apic_mode mode)

@@ -70,7 +70,8 @@ void kvmpy_isr_dispatch(struct frame *f)
 {
     u32 cpu = cpu_index();
 
-    if (f->vector < 32 && recovery_eip[cpu]) {
+    /* An NMI (vector 2) is not a fault of the instruction being recovered. */
+    if (f->vector < 32 && f->vector != 2 && recovery_eip[cpu]) {
         f->eip = recovery_eip[cpu];
         recovery_eip[cpu] = 0;
         fault_vector[cpu] = f->vector;
