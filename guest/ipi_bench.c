@@ -169,13 +169,13 @@ static void scaling_tests(void)
         acks = 0;
         t0 = rdtsc();
         if (x2) { /* one logical IPI per cluster of 16 x2APIC IDs */
-            for (u32 first = 1; first < ncpus; first = (first | 15) + 1) {
-                u32 mask = 0;
-                for (u32 c = first; c < ncpus && (ids[c] >> 4) == (ids[first] >> 4); c++)
-                    mask |= 1u << (ids[c] & 15);
-                apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | APIC_DEST_LOGICAL | VEC_ACK,
-                              ((ids[first] >> 4) << 16) | mask);
-            }
+            u32 masks[4] = {0, 0, 0, 0}; /* CPU indexes are in arrival order, not ID order */
+            for (u32 c = 1; c < ncpus; c++)
+                masks[ids[c] >> 4] |= 1u << (ids[c] & 15);
+            for (u32 cluster = 0; cluster < 4; cluster++)
+                if (masks[cluster])
+                    apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | APIC_DEST_LOGICAL | VEC_ACK,
+                                  (cluster << 16) | masks[cluster]);
         } else { /* xAPIC flat: LDR bit c for c < 8 */
             apic_send_ipi(APIC_DM_FIXED | APIC_INT_ASSERT | APIC_DEST_LOGICAL | VEC_ACK,
                           ((1u << ncpus) - 1) & ~1u);
