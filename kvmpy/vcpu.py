@@ -333,11 +333,13 @@ class Vcpu:
         if mode == VcpuMode.IN_GUEST:
             self.view.u8[kr.IMMEDIATE_EXIT] = 1
             if self.thread_ident != threading.get_ident():
-                t0 = time.perf_counter_ns()
+                stats = self.stats
+                t0 = time.perf_counter_ns() if stats.record_time else 0
                 signal.pthread_kill(self.thread_ident, KICK_SIGNAL)
-                # The sender's cost of a signal kick, kept on the target (a statistic:
-                # two senders adding at once may rarely lose one sample).
-                self.stats.kick_time.add(time.perf_counter_ns() - t0)
+                if t0:
+                    # The sender's cost of a signal kick, kept on the target (a statistic:
+                    # two senders adding at once may rarely lose one sample).
+                    stats.kick_time.add(time.perf_counter_ns() - t0)
         elif mode == VcpuMode.BLOCKED:
             self.wake.set()
 
