@@ -377,18 +377,16 @@ def print_report(s: Summary, *, seeds: str, ops: int, cpus: list[int], mode: str
     for what, n in rows:
         t.add_row(what, str(n))
     console.print(t)
-    e = Table(title="exits by reason (all runs)")
-    e.add_column("exit reason")
-    e.add_column("count", justify="right")
-    for reason, n in s.exits.most_common():
-        e.add_row(reason, str(n))
-    console.print(e)
-    a = Table(title="APIC events (kvmpy's LocalApic counters, all runs)")
-    a.add_column("event")
-    a.add_column("count", justify="right")
-    for name, n in s.apic_events.most_common():
-        a.add_row(name, str(n))
-    console.print(a)
+    for title, label, counts in (
+        ("exits by reason (all runs)", "exit reason", s.exits),
+        ("APIC events (kvmpy's LocalApic counters, all runs)", "event", s.apic_events),
+    ):
+        table = Table(title=title)
+        table.add_column(label)
+        table.add_column("count", justify="right")
+        for name, n in counts.most_common():
+            table.add_row(name, str(n))
+        console.print(table)
     for r in s.failed:
         console.print(f"FAILED seed {r.seed} cpus {r.cpus}: status {r.status}: {r.message}; "
                       f"repeat: {r.repro()}", markup=False)
