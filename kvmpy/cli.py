@@ -50,6 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvmpy.vcpu import HALT_POLL_NS_DEFAULT
+
     p = _Parser(prog="kvmpy", description="A hackable VMM in Python on Linux KVM.",
                 allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"kvmpy {__version__}")
@@ -72,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the serial console to FILE instead of stdout")
     run.add_argument("--no-fastpath", dest="fastpath", action="store_false",
                      help="send every ICR write through the ordinary exit dispatch")
+    run.add_argument("--halt-poll-ns", dest="halt_poll_ns", type=int, default=None,
+                     metavar="NS", help="longest halt-polling window (KVM's halt_poll_ns; "
+                     f"default {HALT_POLL_NS_DEFAULT}, 0 never polls)")
     run.add_argument("--irqchip", choices=("user", "kernel"), default="user",
                      help="user: kvmpy's local APIC (default); kernel: KVM's in-kernel "
                      "irqchip, the reference")
@@ -122,6 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         initrd=initrd, initrd_name=args.initrd or "", fastpath=args.fastpath,
         irqchip=args.irqchip,
     )
+    if args.halt_poll_ns is not None:
+        config.halt_poll_ns = args.halt_poll_ns
     serial_file = None
     if args.serial:
         try:

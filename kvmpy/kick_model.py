@@ -26,7 +26,13 @@ Target vCPU thread (`Vcpu.run_loop`, `_inject_pending_events`, `run`,
                   returns REENTER_GUEST for KVM_EXIT_INTR: back to loop_top)
     dispatch      handle_exit(): EOI clears the highest ISR bit; HLT sets HALTED
     block_clear   self.wake.clear()
-    block_mode    self.mode = VcpuMode.BLOCKED
+    poll_choice   halt polling on or off (`machine.may_poll()` and the window): both
+    poll_mode     self.mode = VcpuMode.POLLING                    (_poll_halt)
+    poll_clear    self.request_event = False
+    poll_check    if self._wakeup_pending(): state = RUNNABLE; return
+    poll_watch    while not self.request_event: spin, or the window ends (both explored)
+    poll_end      finally: self.mode = VcpuMode.OUTSIDE_GUEST; then sleep:
+    block_mode    self.mode = VcpuMode.BLOCKED                    (_sleep_until_runnable)
     block_check   elif self._wakeup_pending(): state = RUNNABLE; finally mode = OUTSIDE
     block_wait    self.wake.wait(timeout); self.wake.clear(); back to block_check
 
@@ -38,7 +44,8 @@ Sender thread (`ApicBus._deliver` -> `LocalApic.accept_fixed` -> `notify` ->
     read_mode     mode = self.mode
     act           IN_GUEST: write_ie (immediate_exit = 1) then signal (pthread_kill:
                   lost unless the target is inside the KVM_RUN syscall);
-                  BLOCKED: wake (self.wake.set())
+                  BLOCKED: wake (self.wake.set()); POLLING: nothing (the poller
+                  watches request_event)
 
 The guest is always interruptible (IF=1, TPR 0) and each sender sends one fixed IPI.
 KVM writes `ready_for_interrupt_injection` (queued slot empty) on every return from
@@ -54,6 +61,7 @@ from dataclasses import dataclass, field
 OUTSIDE = "OUTSIDE_GUEST"
 IN_GUEST = "IN_GUEST"
 BLOCKED = "BLOCKED"
+POLLING = "POLLING"
 RUNNABLE = "RUNNABLE"
 HALTED = "HALTED"
 
@@ -86,6 +94,9 @@ class Config:
     recheck: bool = True
     clear_immediate_exit: bool = True
     check_before_wait: bool = True
+    halt_polling: bool = True  # explore halts that poll first (and ones that do not)
+    poll_clear_before_check: bool = True
+    poll_recheck: bool = True
     ready_cleared_after_interrupt: bool = False  # the fix for the double KVM_INTERRUPT
     # sender side
     publish_before_request: bool = True
@@ -214,6 +225,43 @@ def target_program(cfg: Config) -> list[Step]:
 
     def block_clear(s: State):
         s["wake"] = False
+        return None if cfg.halt_polling else "block_mode"
+
+    def poll_choice(s: State):
+        return ("poll_mode", "block_mode")
+
+    def poll_mode(s: State):
+        s["mode"] = POLLING
+        return None if cfg.poll_clear_before_check else "poll_check"
+
+    def poll_clear(s: State):
+        s["request_event"] = False
+        return None if cfg.poll_clear_before_check else "poll_watch"
+
+    def poll_check(s: State):
+        if cfg.poll_recheck and _pending_vector(s) is not None:
+            s["vstate"] = RUNNABLE
+            s["mode"] = OUTSIDE
+            return "loop_top"
+        return None if cfg.poll_clear_before_check else "poll_clear"
+
+    def poll_watch(s: State):
+        if s["request_event"]:
+            return "poll_again"
+        return ("poll_spin", "poll_end")
+
+    def poll_spin(s: State):
+        return "poll_again" if s["request_event"] else WAIT
+
+    def poll_again(s: State):
+        if not cfg.poll_recheck and _pending_vector(s) is not None:
+            s["vstate"] = RUNNABLE  # without the re-check, only a request ends the poll
+            s["mode"] = OUTSIDE
+            return "loop_top"
+        return "poll_clear" if cfg.poll_clear_before_check else "poll_check"
+
+    def poll_end(s: State):
+        s["mode"] = OUTSIDE
 
     def block_mode(s: State):
         s["mode"] = BLOCKED
@@ -241,6 +289,8 @@ def target_program(cfg: Config) -> list[Step]:
     inject = f"{V}._inject_pending_events"
     run = f"{V}.run"
     block = f"{V}._block_until_runnable"
+    poll = f"{V}._poll_halt"
+    sleep = f"{V}._sleep_until_runnable"
     kvm = None
     clear = Step("clear_request", (run_loop, "self.request_event = False"), clear_request)
     reads = [
@@ -272,12 +322,20 @@ def target_program(cfg: Config) -> list[Step]:
         Step("clear_ie", (run, "self.view.u8[kr.IMMEDIATE_EXIT] = 0"), clear_ie),
         Step("dispatch", (run_loop, "handle_exit(self, exit, fp)"), dispatch),
         Step("block_clear", (block, "self.wake.clear()"), block_clear),
-        Step("block_mode", (block, "self.mode = VcpuMode.BLOCKED"), block_mode),
-        Step("block_check", (block, "elif self._wakeup_pending():"), block_check),
-        Step("block_runnable", (block, "self.state = VcpuState.RUNNABLE"), block_runnable),
-        Step("block_wait", (block, "self.wake.wait(timeout)"), block_wait),
-        Step("block_reclear", (block, "self.wake.clear()"), block_reclear),
-        Step("block_leave", (block, "self.mode = VcpuMode.OUTSIDE_GUEST"), block_leave),
+        Step("poll_choice", (block, "machine.may_poll()"), poll_choice),
+        Step("poll_mode", (poll, "self.mode = VcpuMode.POLLING"), poll_mode),
+        Step("poll_clear", (poll, "self.request_event = False"), poll_clear),
+        Step("poll_check", (poll, "if self._wakeup_pending():"), poll_check),
+        Step("poll_watch", (poll, "while not self.request_event:"), poll_watch),
+        Step("poll_spin", None, poll_spin),
+        Step("poll_again", None, poll_again),
+        Step("poll_end", (poll, "self.mode = VcpuMode.OUTSIDE_GUEST"), poll_end),
+        Step("block_mode", (sleep, "self.mode = VcpuMode.BLOCKED"), block_mode),
+        Step("block_check", (sleep, "elif self._wakeup_pending():"), block_check),
+        Step("block_runnable", (sleep, "self.state = VcpuState.RUNNABLE"), block_runnable),
+        Step("block_wait", (sleep, "self.wake.wait(timeout)"), block_wait),
+        Step("block_reclear", (sleep, "self.wake.clear()"), block_reclear),
+        Step("block_leave", (sleep, "self.mode = VcpuMode.OUTSIDE_GUEST"), block_leave),
     ]
     return steps
 
@@ -414,7 +472,7 @@ class Model:
 
     def final_problem(self, s: State) -> str | None:
         """At a state where nothing can move: is the outcome wrong?"""
-        parked = self.label(s, "target") in ("guest_spin", "block_wait")
+        parked = self.label(s, "target") in ("guest_spin", "block_wait", "poll_spin")
         if not parked or any(self.label(s, t) != "done" for t in self.threads if t != "target"):
             return "deadlock"
         if s["overwritten"]:

@@ -31,7 +31,7 @@ from kvmpy.kvm import ioctls as k
 from kvmpy.memory import GuestMemory
 from kvmpy.timers import TimerService
 from kvmpy.trace import ExitStats
-from kvmpy.vcpu import Vcpu, VcpuState, install_kick_handler
+from kvmpy.vcpu import HALT_POLL_NS_DEFAULT, Vcpu, VcpuState, install_kick_handler
 
 # Process exit statuses. A debug-exit write of V gives (V << 1) | 1, always odd; every
 # status kvmpy chooses itself is even, so the two never collide.
@@ -66,6 +66,7 @@ class MachineConfig:
     irqchip: str = "user"  # "user": kvmpy's APIC; "kernel": KVM's in-kernel irqchip
     record_time: bool = True
     kvm_path: str = "/dev/kvm"
+    halt_poll_ns: int = HALT_POLL_NS_DEFAULT  # maximum halt-polling window; 0: never poll
 
     def validate(self) -> None:
         if not 1 <= self.cpus <= MAX_VCPUS:
@@ -76,6 +77,8 @@ class MachineConfig:
             )
         if self.irqchip not in ("user", "kernel"):
             raise KvmpyError(f"--irqchip must be 'user' or 'kernel', got {self.irqchip!r}")
+        if not 0 <= self.halt_poll_ns <= 1_000_000_000:
+            raise KvmpyError(f"--halt-poll-ns must be between 0 and 1e9, got {self.halt_poll_ns}")
         if self.ap_start not in ("sipi", "entry"):
             raise KvmpyError(f"ap_start must be 'sipi' or 'entry', got {self.ap_start!r}")
 
@@ -105,6 +108,10 @@ class Machine:
         self._done = threading.Event()
         self._blocked = 0
         self._blocked_lock = threading.Lock()
+        # Halt polling: the window's maximum, and the host CPUs the vCPU threads may use
+        # (a vCPU polls only while the busy vCPUs fit on them; KVM: single_task_running).
+        self.halt_poll_max_ns = config.halt_poll_ns
+        self._host_cpus = len(os.sched_getaffinity(0))
         self._started = False
         self.timers = TimerService()
         self.kernel_irqchip = config.irqchip == "kernel"
@@ -349,6 +356,12 @@ class Machine:
         if vector is not None:
             setup_real_mode_sipi(vcpu.fd, vector)
             vcpu.state = VcpuState.RUNNABLE
+
+    def may_poll(self) -> bool:
+        """May a halting vCPU poll? Only if the vCPUs not asleep (in guest, in kvmpy, or
+        polling; the caller counts) fit on the host CPUs: a poller must not take a core
+        from a vCPU with work (KVM polls only if single_task_running())."""
+        return len(self.vcpus) - self._blocked <= self._host_cpus
 
     def note_blocked(self, vcpu: Vcpu, blocked: bool) -> None:
         with self._blocked_lock:

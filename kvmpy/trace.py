@@ -95,6 +95,9 @@ class ExitStats:
         self.icr_slow_time = Histogram()
         self.kick_time = Histogram()  # a sender's pthread_kill of this (in-guest) vCPU
         self.smi_dropped = 0
+        # Halts: how many ended inside the polling window (no sleep), how many slept.
+        self.halt_poll_success = 0
+        self.halt_slept = 0
 
     def count_msr(self, op: str, index: int) -> None:
         table = self.msr_accesses
@@ -120,6 +123,8 @@ class ExitStats:
         self.icr_slow_time.merge(other.icr_slow_time)
         self.kick_time.merge(other.kick_time)
         self.smi_dropped += other.smi_dropped
+        self.halt_poll_success += other.halt_poll_success
+        self.halt_slept += other.halt_slept
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,10 @@ MUTATIONS = {
         replace(BASE, wake_blocked=False), "lost interrupt"),
     "halted target waits before checking for pending events": (
         replace(BASE, check_before_wait=False), "lost interrupt"),
+    "poller re-checks before clearing request_event": (
+        replace(BASE, poll_clear_before_check=False), "lost interrupt"),
+    "poller does not re-check pending events after mode = POLLING": (
+        replace(BASE, poll_recheck=False), "lost interrupt"),
     "target never clears immediate_exit after EINTR": (
         replace(BASE, clear_immediate_exit=False), "livelock"),
 }
@@ -181,6 +185,10 @@ class LoopMachine:
         self.exit_lock = threading.Lock()
         self.timers = _Timers()
         self.vcpus: list[Vcpu] = []
+        self.halt_poll_max_ns = 0  # the replays below sleep; tests/test_vcpu_halt.py polls
+
+    def may_poll(self) -> bool:
+        return False
 
     on_init = machine_module.Machine.on_init
     poll_sipi = machine_module.Machine.poll_sipi

@@ -543,6 +543,14 @@ class LocalApic:
             return True
         return self.pending_vector() is not None
 
+    def halt_ends_at_once(self, if_flag: bool) -> bool:
+        """Cheap, for the HLT fastpath: would a HLT executed now end at once? An NMI or
+        INIT ends it; a maskable interrupt only if IF=1 (SDM Vol. 2A, HLT). False means
+        "go and block", where the full check runs again."""
+        if self._nmi_flag or self.init_pending:
+            return True
+        return if_flag and self.pending_vector() is not None
+
     def pending_vector(self) -> int | None:
         """Highest IRR vector deliverable now: its priority class (vector[7:4]) must be
         above PPR[7:4] (SDM 10.8.3.1), and the APIC software-enabled."""
@@ -572,6 +580,20 @@ class LocalApic:
             self._stats["eoi_level"] += 1
             if self.on_level_eoi is not None:
                 self.on_level_eoi(vector)
+
+    def eoi_fast(self) -> bool:
+        """The EOI fastpath (a zero write to x2APIC EOI or xAPIC EOI, the caller checks
+        the value): EOI an edge-triggered vector and return True; False, with no side
+        effect, when the EOI must take the slow path: not enabled, or the highest ISR
+        vector is level-triggered (TMR set: the EOI is broadcast to the I/O APICs,
+        SDM 10.8.5), or no vector is in service (counted there)."""
+        vector = self.isr.rfind(1)
+        if vector < 0 or self.tmr[vector] or self.mode is _DISABLED:
+            return False
+        self.isr[vector] = 0
+        self._update_ppr()
+        self._stats["eoi"] += 1
+        return True
 
     def take_nmi(self) -> bool:
         """Consume one pending NMI (the VMM injects each with KVM_NMI, and KVM itself
