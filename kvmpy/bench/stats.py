@@ -23,6 +23,10 @@ from dataclasses import dataclass
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_SEED = 0
 DEFAULT_CONFIDENCE = 0.95
+# Below this many runs on a side the percentile bootstrap of a median is not calibrated:
+# on identical synthetic distributions (300 seeds) it calls a difference in 39% of cases
+# with 2 runs each, 9% with 3, 7% with 4, 3-5% from 5 on (nominal: 5%).
+MIN_RELIABLE_RUNS = 5
 
 
 def percentile(values: Sequence[float], p: float) -> float:
