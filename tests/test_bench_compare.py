@@ -121,6 +121,7 @@ def test_json_and_report_carry_every_figure() -> None:
 @pytest.mark.parametrize("argv, message", [
     (["bench", "ipi", "--compare", "--runs", "1"], "--runs must be at least 2"),
     (["bench", "ipi", "--compare", "--scale"], "does not combine with --scale"),
+    (["bench", "ipi", "--compare", "--plot", "x.png"], "does not combine with --scale or --plot"),
     (["bench", "ipi", "--compare", "--resamples", "10"], "--resamples must be at least"),
     (["bench", "vmexit"], "needs --kut-dir"),
     (["bench", "vmexit", "--kut-dir", "/nonexistent"], "vmexit.flat: no such file"),

@@ -218,8 +218,8 @@ def add_compare_options(p: argparse.ArgumentParser, *, flag: bool) -> None:
     """--runs, --seed, --resamples (and, with `flag`, --compare itself)."""
     if flag:
         p.add_argument("--compare", action="store_true",
-                       help="many alternated runs; medians, bootstrap CIs of fast/slow and "
-                       "fast/kernel, and a verdict (see --runs)")
+                       help="many alternated runs (--runs, not --rounds); medians, bootstrap "
+                       "CIs of fast/slow and fast/kernel, and a verdict")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS,
                    help=f"alternated rounds for the comparison (default {DEFAULT_RUNS})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed")
@@ -262,8 +262,8 @@ def cli_main(args: argparse.Namespace) -> int:
         runner = vmexit_runner(flat, args.tests)
         source = f"{flat.name} {' '.join(args.tests)} --cpus 2"
     else:
-        if args.scale:
-            raise KvmpyError("--compare does not combine with --scale")
+        if args.scale or args.plot:
+            raise KvmpyError("--compare does not combine with --scale or --plot")
         if args.n < 1:
             raise KvmpyError("--n must be at least 1")
         runner = ipi_runner(args.n, args.mode)
