@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="show the KVM backend and capabilities kvmpy uses")
 
     bench = sub.add_parser("bench", help="benchmarks: `ipi` (guest-measured IPI latency), "
-                           "`floor` (ICR-write exits against a bare C KVM_RUN loop)",
+                           "`floor` (ICR-write exits against a bare C KVM_RUN loop), "
+                           "`vmexit` (kvm-unit-tests' vmexit.flat, compared)",
                            allow_abbrev=False)
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     ipi = bench_sub.add_parser("ipi", help="IPI round trip, one-way, halted receiver and "
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="vCPU counts for --scale")
     ipi.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ipi.add_argument("--plot", metavar="FILE.png", help="draw latency histograms")
+    from kvmpy.bench.compare import add_compare_options, add_vmexit_parser
+
+    add_compare_options(ipi, flag=True)
+    add_vmexit_parser(bench_sub)
     floor = bench_sub.add_parser("floor", help="ICR-write exit cost: kvmpy vs a C floor",
                                  allow_abbrev=False)
     floor.add_argument("--n", type=int, default=20_000, help="ICR writes per run")
@@ -180,6 +185,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "vmexit" or getattr(args, "compare", False):
+        from kvmpy.bench.compare import cli_main
+
+        return cli_main(args)
     if args.bench == "floor":
         from kvmpy.bench.floor import main as floor_main
 
