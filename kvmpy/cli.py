@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--halt-poll-ns", dest="halt_poll_ns", type=int, default=None,
                      metavar="NS", help="longest halt-polling window (KVM's halt_poll_ns; "
                      f"default {HALT_POLL_NS_DEFAULT}, 0 never polls)")
+    run.add_argument("--pin-vcpus", dest="pin_vcpus", choices=("auto", "on", "off"),
+                     default="auto", help="pin vCPU i to host CPU i (auto: when each vCPU "
+                     "gets its own CPU)")
     run.add_argument("--irqchip", choices=("user", "kernel"), default="user",
                      help="user: kvmpy's local APIC (default); kernel: KVM's in-kernel "
                      "irqchip, the reference")
@@ -130,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = MachineConfig(
         cpus=parse_cpus(args.cpus), memory=parse_size(args.memory), cmdline=args.append,
         initrd=initrd, initrd_name=args.initrd or "", fastpath=args.fastpath,
-        irqchip=args.irqchip,
+        irqchip=args.irqchip, pin_vcpus=args.pin_vcpus,
     )
     if args.halt_poll_ns is not None:
         config.halt_poll_ns = args.halt_poll_ns

@@ -67,6 +67,9 @@ class MachineConfig:
     record_time: bool = True
     kvm_path: str = "/dev/kvm"
     halt_poll_ns: int = HALT_POLL_NS_DEFAULT  # maximum halt-polling window; 0: never poll
+    # Thread placement: "auto" pins vCPU i to the i-th usable host CPU when every vCPU
+    # gets its own; "on" pins round-robin anyway; "off" lets the scheduler place them.
+    pin_vcpus: str = "auto"
 
     def validate(self) -> None:
         if not 1 <= self.cpus <= MAX_VCPUS:
@@ -79,6 +82,8 @@ class MachineConfig:
             raise KvmpyError(f"--irqchip must be 'user' or 'kernel', got {self.irqchip!r}")
         if not 0 <= self.halt_poll_ns <= 1_000_000_000:
             raise KvmpyError(f"--halt-poll-ns must be between 0 and 1e9, got {self.halt_poll_ns}")
+        if self.pin_vcpus not in ("auto", "on", "off"):
+            raise KvmpyError(f"--pin-vcpus must be auto, on or off, got {self.pin_vcpus!r}")
         if self.ap_start not in ("sipi", "entry"):
             raise KvmpyError(f"ap_start must be 'sipi' or 'entry', got {self.ap_start!r}")
 
@@ -111,7 +116,8 @@ class Machine:
         # Halt polling: the window's maximum, and the host CPUs the vCPU threads may use
         # (a vCPU polls only while the busy vCPUs fit on them; KVM: single_task_running).
         self.halt_poll_max_ns = config.halt_poll_ns
-        self._host_cpus = len(os.sched_getaffinity(0))
+        self._host_cpu_list = sorted(os.sched_getaffinity(0))
+        self._host_cpus = len(self._host_cpu_list)
         self._started = False
         self.timers = TimerService()
         self.kernel_irqchip = config.irqchip == "kernel"
@@ -234,8 +240,23 @@ class Machine:
             vcpu.thread = t
             t.start()
 
+    def host_cpu_for(self, vcpu: Vcpu) -> int | None:
+        """The host CPU vCPU thread `vcpu` is pinned to, or None (see pin_vcpus).
+
+        Why pin: a vCPU that wakes another (an IPI to a halted target) would otherwise
+        often have the target placed on its own core by the scheduler's wake-affine
+        logic, preempting the sender, which still holds the GIL: two context switches
+        per IPI. Measured here: vmexit_ipi 185 -> 100 us p50 with 2 vCPUs on 2 cores."""
+        pin = self.config.pin_vcpus
+        if pin == "off" or (pin == "auto" and len(self.vcpus) > self._host_cpus):
+            return None
+        return self._host_cpu_list[vcpu.index % self._host_cpus]
+
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         try:
+            cpu = self.host_cpu_for(vcpu)
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})  # 0: this thread (Linux affinity is per task)
             vcpu.run_loop()
         except BaseException as exc:  # noqa: BLE001 - a bug in kvmpy must not hang the VM
             self.vmm_fault(f"vCPU {vcpu.index}", exc)

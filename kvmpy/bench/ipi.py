@@ -29,7 +29,8 @@ from kvmpy.machine import Machine, MachineConfig
 from kvmpy.trace import ExitStats, Histogram
 
 CONFIGS = ("kvmpy-fast", "kvmpy-slow", "kernel")
-TWO_CPU_TESTS = ("rt", "oneway", "rt_halt", "oneway_halt", "send", "send_kick")
+TWO_CPU_TESTS = ("rt", "oneway", "rt_halt", "oneway_halt", "send", "send_kick",
+                 "vmexit_ipi", "vmexit_ipi_halt")
 SCALE_TESTS = ("bcast", "mcast")
 _TEST_LINE = re.compile(r"ipi_bench: test (\w+) n=(\d+) addr=0x([0-9a-f]+)")
 
