@@ -2,7 +2,8 @@
  *
  * Command line: "n=K" samples per test (default 300, at most MAXS), "mode=x2apic|xapic"
  * (default x2apic), "cpus=N" (default all), "scale=1" for the broadcast/multicast
- * scaling tests instead of the two-CPU tests.
+ * scaling tests instead of the two-CPU tests, "only=vmexit" for just the two vmexit
+ * tests (what `kvmpy bench ipi --breakdown` traces).
  *
  * Two-CPU tests (CPU 0 measures, CPU 1 responds), as kvm-unit-tests x86/vmexit.c:
  *   rt        round trip: CPU 0 IPIs CPU 1, whose handler IPIs CPU 0 back; TSC before
@@ -50,7 +51,7 @@ static const char *const test_name[NTESTS] = {"rt", "oneway", "rt_halt", "oneway
 static u32 samples[NTESTS][MAXS];
 static volatile u32 pong, arrived, acks, responder_halts, phase_done;
 static volatile u64 t_recv;
-static u32 x2, ncpus, nsamples;
+static u32 x2, ncpus, nsamples, only_vmexit;
 static u32 ids[64];
 
 static inline u32 delta(u64 a, u64 b) { return b - a > 0xffffffffu ? 0xffffffffu : (u32)(b - a); }
@@ -160,6 +161,16 @@ static void two_cpu_tests(void)
 {
     u32 nobody = x2 ? NOBODY_X2 : NOBODY_X;
 
+    if (only_vmexit) {
+        responder_halts = 1;
+        for (u32 i = 0; i < 50000; i++) /* let CPU 1 reach its hlt */
+            pause();
+        vmexit_tests();
+        for (u32 t = T_VMEXIT_IPI; t <= T_VMEXIT_IPI_HALT; t++)
+            printf("ipi_bench: test %s n=%u addr=0x%x\n", test_name[t], nsamples,
+                   (u32)samples[t]);
+        return;
+    }
     for (u32 halt = 0; halt < 2; halt++) {
         responder_halts = halt;
         for (u32 i = 0; i < 50000 && halt; i++) /* let CPU 1 reach its hlt */
@@ -264,6 +275,7 @@ int main(struct multiboot_info *mbi)
     x2 = !((a = cmdline_value(cmdline, "mode")) && !strncmp(a, "xapic", 5));
     nsamples = (a = cmdline_value(cmdline, "n")) ? parse_u32(a) : 300;
     scale = (a = cmdline_value(cmdline, "scale")) ? parse_u32(a) : 0;
+    only_vmexit = (a = cmdline_value(cmdline, "only")) && !strncmp(a, "vmexit", 6);
     ncpus = (a = cmdline_value(cmdline, "cpus")) ? parse_u32(a) : smp_cpus_available();
     if (nsamples > MAXS)
         nsamples = MAXS;
