@@ -140,4 +140,6 @@ def validate(trace: dict[str, object]) -> list[str]:
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
               for e in validator.iter_errors(trace)]
-    return (errors + check_semantics(trace))[:20]
+    if errors:
+        return errors[:20]
+    return check_semantics(trace)[:20]

@@ -219,8 +219,11 @@ def plot_summary(s: Summary, path: str | Path) -> Path:
     hops = list(reversed(s.hops))
     if hops:
         data = [[max(v, 0.01) for v in d.values] for d in hops]
-        ax1.boxplot(data, vert=False, whis=(1, 99), showfliers=True,
-                    flierprops={"markersize": 2})
+        horizontal = {"orientation": "horizontal"} \
+            if tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= (3, 10) \
+            else {"vert": False}
+        ax1.boxplot(data, whis=(1, 99), showfliers=True, flierprops={"markersize": 2},
+                    **horizontal)
         ax1.set_yticks(range(1, len(hops) + 1),
                        [f"{d.label} (n={d.n}, p50 {d.row()['p50_us']:.0f}, "
                         f"p99 {d.row()['p99_us']:.0f})" for d in hops], fontsize=8)
