@@ -251,7 +251,7 @@ def _fill(ring: r.Ring, recs: list[tuple[int, int, int, int]]) -> None:
     """Write records with chosen times straight into a ring's slots."""
     for t, kind, a, b in sorted(recs):
         j = (ring.count % ring.capacity) * r.FIELDS
-        ring.buf[j : j + 4] = type(ring.buf)("q", (t, kind, a, b))
+        ring.buf[j : j + 4] = [t, kind, a, b]
         ring.count += 1
     ring._j = (ring.count % ring.capacity) * r.FIELDS
 
