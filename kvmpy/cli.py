@@ -12,10 +12,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from kvmpy import __version__
 from kvmpy.errors import KvmpyError
+
+if TYPE_CHECKING:
+    from kvmpy.machine import Machine
+    from kvmpy.tracing.recorder import Tracer
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -89,8 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draw handling-time histograms (fastpath vs slow path) to FILE.png")
     run.add_argument("--timeout", type=float, metavar="SECONDS",
                      help="stop the VM after this many seconds")
+    run.add_argument("--trace", metavar="FILE.json",
+                     help="write a timeline of exits and interrupts (Chrome trace-event "
+                     "JSON: open it in Perfetto UI or chrome://tracing)")
+    run.add_argument("--trace-events", type=int, default=None, metavar="N",
+                     help="with --trace: keep the last N events per thread (default "
+                     "131072; memory is preallocated, 32 bytes an event)")
 
     sub.add_parser("info", help="show the KVM backend and capabilities kvmpy uses")
+
+    trace = sub.add_parser("trace", help="read a trace written by `kvmpy run --trace`",
+                           allow_abbrev=False)
+    trace_sub = trace.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)
+    summary = trace_sub.add_parser("summary", help="per-interrupt latency by hop (p50/p99) "
+                                   "and where each vCPU's time went", allow_abbrev=False)
+    summary.add_argument("file", metavar="FILE.json")
+    summary.add_argument("--plot", metavar="FILE.png", help="draw the hop distributions")
+    summary.add_argument("--json", action="store_true", help="print JSON, not tables")
 
     bench = sub.add_parser("bench", help="benchmarks: `ipi` (guest-measured IPI latency), "
                            "`floor` (ICR-write exits against a bare C KVM_RUN loop), "
@@ -128,6 +147,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kvmpy.machine import STATUS_TERMINATED, Machine, MachineConfig
 
     image_path = Path(args.image)
+    if args.trace_events is not None and not args.trace:
+        raise KvmpyError("--trace-events needs --trace FILE.json")
     image = _read_file(image_path, "image")
     initrd = _read_file(Path(args.initrd), "initrd") if args.initrd else None
     config = MachineConfig(
@@ -147,6 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with Machine(config) as machine:
             machine.load(image, flat=args.flat, name=str(image_path))
+            tracer = _attach_tracer(machine, args) if args.trace else None
 
             def on_term(signum: int, frame: object) -> None:
                 machine.stop(STATUS_TERMINATED, "terminated (SIGTERM)")
@@ -164,10 +186,51 @@ def cmd_run(args: argparse.Namespace) -> int:
                 from kvmpy.plot import plot_exit_histograms
 
                 plot_exit_histograms(result.stats, args.plot, title=image_path.name)
+            if tracer is not None:
+                _write_trace(tracer, args.trace, image_path.name)
             return result.status
     finally:
         if serial_file is not None:
             serial_file.close()
+
+
+def _attach_tracer(machine: Machine, args: argparse.Namespace) -> Tracer:
+    from kvmpy.tracing.probes import attach
+    from kvmpy.tracing.recorder import DEFAULT_EVENTS
+
+    try:  # fail before the guest runs, not after
+        Path(args.trace).open("a").close()
+    except OSError as e:
+        raise KvmpyError(f"cannot write trace {args.trace}: {e.strerror}") from None
+    return attach(machine, args.trace_events or DEFAULT_EVENTS)
+
+
+def _write_trace(tracer: Tracer, path: str, title: str) -> None:
+    from kvmpy.tracing.export import write
+
+    try:
+        other = write(tracer, path, title=title)
+    except OSError as e:
+        raise KvmpyError(f"cannot write trace {path}: {e.strerror}") from None
+    dropped = other["events_dropped"]
+    print(f"kvmpy: trace {path}: {other['events_recorded']} events"
+          + (f" ({dropped} oldest overwritten)" if dropped else "")
+          + f", {other['interrupts']} interrupts", file=sys.stderr)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from kvmpy.tracing.summary import load, plot_summary, print_summary, summarize
+
+    summary = summarize(load(Path(args.file)))
+    if args.json:
+        import json
+
+        print(json.dumps(summary.to_json(), indent=1))
+    else:
+        print_summary(summary)
+    if args.plot:
+        plot_summary(summary, args.plot)
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -246,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "trace":
+            return cmd_trace(args)
     except KvmpyError as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return 2

@@ -31,7 +31,14 @@ from kvmpy.kvm import ioctls as k
 from kvmpy.memory import GuestMemory
 from kvmpy.timers import TimerService
 from kvmpy.trace import ExitStats
-from kvmpy.vcpu import HALT_POLL_NS_DEFAULT, Vcpu, VcpuState, install_kick_handler
+from kvmpy.tracing.recorder import Tracer
+from kvmpy.vcpu import (
+    HALT_POLL_NS_DEFAULT,
+    KICK_SIGNAL,
+    Vcpu,
+    VcpuState,
+    install_kick_handler,
+)
 
 # Process exit statuses. A debug-exit write of V gives (V << 1) | 1, always odd; every
 # status kvmpy chooses itself is even, so the two never collide.
@@ -119,6 +126,7 @@ class Machine:
         self._host_cpu_list = sorted(os.sched_getaffinity(0))
         self._host_cpus = len(self._host_cpu_list)
         self._started = False
+        self.tracer: Tracer | None = None  # kvmpy.tracing.probes.attach() sets it
         self.timers = TimerService()
         self.kernel_irqchip = config.irqchip == "kernel"
         self.vm = self.kvm.create_vm()
@@ -232,6 +240,8 @@ class Machine:
     def start(self) -> None:
         if threading.current_thread() is threading.main_thread():
             install_kick_handler()
+            if self.tracer is not None:
+                self.tracer.install_signal_probe(KICK_SIGNAL)
         self._started = True
         self.timers.start()
         for vcpu in self.vcpus:

@@ -15,6 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from kvmpy.tracing.recorder import Tracer
     from kvmpy.vcpu import Vcpu
 
 
@@ -28,6 +29,7 @@ class TimerService:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self.fired = 0
+        self.tracer: Tracer | None = None  # kvmpy.tracing: each firing is recorded
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kvmpy-timers", daemon=True)
@@ -68,4 +70,6 @@ class TimerService:
                     continue
                 heapq.heappop(self._heap)
                 self.fired += 1
+                if self.tracer is not None:
+                    self.tracer.timer_fire(vcpu.index, deadline)
                 vcpu.kick()

@@ -50,10 +50,12 @@ from kvmpy.kvm import ioctls as k
 from kvmpy.kvm import run as kr
 from kvmpy.kvm.system import VcpuFd
 from kvmpy.trace import ExitStats
+from kvmpy.tracing import recorder as tracing
 
 if TYPE_CHECKING:
     from kvmpy.apic import LocalApic
     from kvmpy.machine import Machine
+    from kvmpy.tracing.recorder import Ring
 
 KICK_SIGNAL = signal.SIGUSR1
 # KVM's halt-polling module parameters (virt/kvm/kvm_main.c), as on these hosts.
@@ -192,6 +194,8 @@ class Vcpu:
         self._cr8 = 0
         self._timer_deadline: int | None = None
         self.halt_hook: Callable[[Vcpu], None] | None = None
+        # This vCPU's trace ring (kvmpy.tracing), or None: each hook is one branch.
+        self.tracer: Ring | None = None
 
     # ---------------------------------------------------------------- the run loop
 
@@ -223,6 +227,7 @@ class Vcpu:
         record_time = stats.record_time
         clock = time.perf_counter_ns
         exit_lock = machine.exit_lock
+        tr = self.tracer
         while not machine.stopping:
             if self.state is not VcpuState.RUNNABLE:
                 self._block_until_runnable()
@@ -234,12 +239,18 @@ class Vcpu:
             if self.request_event or machine.stopping or self.state is not VcpuState.RUNNABLE:
                 self.mode = VcpuMode.OUTSIDE_GUEST
                 continue
+            if tr is not None:
+                tr.rec(tracing.ENTER, 0, 0)
             exit = self.run()
+            if tr is not None:
+                tr.rec(tracing.EXIT, exit[0], exit[1])
             t0 = clock() if record_time else 0
             fp = handle_exit_irqoff(self, exit)
             reason = exit[0]
             stats.count[reason] += 1
             if fp is Fastpath.REENTER_GUEST:
+                if tr is not None:
+                    tr.rec(tracing.DONE, reason, 1)
                 stats.fast[reason] += 1
                 if record_time:
                     dt = clock() - t0
@@ -249,6 +260,8 @@ class Vcpu:
                 continue
             with exit_lock:
                 handle_exit(self, exit, fp)
+            if tr is not None:
+                tr.rec(tracing.DONE, reason, fp.value)
             if record_time:
                 dt = clock() - t0
                 stats.slow_time[reason].add(dt)
@@ -278,6 +291,8 @@ class Vcpu:
             return
         if apic.take_nmi():
             self.fd.nmi()
+            if self.tracer is not None:
+                self.tracer.rec(tracing.INJECT, 2, 1)
         if apic.smi_pending and apic.take_smi():
             self.stats.smi_dropped += 1  # no SMM is modelled: an SMI is counted and dropped
         vector = apic.pending_vector()
@@ -286,6 +301,8 @@ class Vcpu:
         elif u8[kr.READY_FOR_INJECTION] and u8[kr.IF_FLAG]:
             apic.ack(vector)
             self.fd.interrupt(vector)
+            if self.tracer is not None:
+                self.tracer.rec(tracing.INJECT, vector, 0)
             # KVM holds one queued interrupt without an in-kernel irqchip and a second
             # KVM_INTERRUPT would replace the first (kvm_vcpu_ioctl_interrupt): until
             # KVM rewrites this flag at the next exit, ask for a window instead.
@@ -346,12 +363,17 @@ class Vcpu:
         kvm_vcpu_halt: unchanged after a wake-up inside it, grown after a short halt
         that outlasted it, shrunk after a halt longer than the maximum."""
         machine = self.machine
+        tr = self.tracer
+        if tr is not None:
+            tr.rec(tracing.BLOCK, 2 if self.state is VcpuState.WAIT_FOR_SIPI else 1, 0)
         self.wake.clear()
         poll_ns = self.halt_poll_ns
         halted = self.state is VcpuState.HALTED
         start = time.monotonic_ns() if halted else 0
         if halted and poll_ns and machine.may_poll() and self._poll_halt(start + poll_ns):
             self.stats.halt_poll_success += 1
+            if tr is not None:
+                tr.rec(tracing.UNBLOCK, 1, 0)
             return
         self._sleep_until_runnable()
         if halted:
@@ -402,6 +424,7 @@ class Vcpu:
     def _sleep_until_runnable(self) -> None:
         """Sleep on `wake` until an event makes the vCPU runnable or the VM stops."""
         machine = self.machine
+        tr = self.tracer
         self.mode = VcpuMode.BLOCKED
         machine.note_blocked(self, True)
         try:
@@ -417,11 +440,15 @@ class Vcpu:
                 timeout = None
                 if self._timer_deadline is not None:
                     timeout = max(0.0, (self._timer_deadline - time.monotonic_ns()) / 1e9)
-                self.wake.wait(timeout)
+                woken = self.wake.wait(timeout)
+                if tr is not None:
+                    tr.rec(tracing.WOKE, woken, 0)
                 self.wake.clear()
         finally:
             machine.note_blocked(self, False)
             self.mode = VcpuMode.OUTSIDE_GUEST
+            if tr is not None:
+                tr.rec(tracing.UNBLOCK, 2 if self.state is VcpuState.WAIT_FOR_SIPI else 1, 0)
 
     def apic_base_changed(self) -> None:
         """Tell KVM the new IA32_APIC_BASE through KVM_SET_SREGS: KVM's
@@ -451,6 +478,8 @@ class Vcpu:
         """
         self.request_event = True
         mode = self.mode
+        if self.tracer is not None:
+            self.tracer.kicked(mode)
         if mode == VcpuMode.IN_GUEST:
             self.view.u8[kr.IMMEDIATE_EXIT] = 1
             if self.thread_ident != threading.get_ident():

@@ -23,6 +23,7 @@ Choices where the SDM leaves room (each documented in the function that makes it
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .constants import (
     DM_EXTINT,
@@ -47,6 +48,9 @@ from .destination import is_broadcast, match_logical, match_physical
 from .lapic import LocalApic
 from .mode import ApicMode
 
+if TYPE_CHECKING:
+    from kvmpy.tracing.recorder import Tracer
+
 _DISABLED = ApicMode.DISABLED
 _X2APIC = ApicMode.X2APIC
 # ICR bits that send an IPI off the hot route: a delivery mode other than fixed, logical
@@ -61,6 +65,8 @@ class ApicBus:
     def __init__(self, notify: Callable[[int], None]) -> None:
         self.notify = notify
         self.apics: list[LocalApic] = []
+        # kvmpy.tracing.Tracer, or None: told of each IPI before it is published.
+        self.tracer: Tracer | None = None
 
     def add(self, apic: LocalApic) -> None:
         """Attach ``apic``; its ``index`` becomes its position in ``apics``."""
@@ -90,6 +96,8 @@ class ApicBus:
                 if mode is not _DISABLED and dest == (
                         target.apic_id if mode is _X2APIC else target.xapic_id):
                     source.ipis_sent += 1
+                    if self.tracer is not None:
+                        self.tracer.send(target, DM_FIXED, icr_low & 0xFF)
                     if target.accept_fixed(icr_low & 0xFF, False):
                         self.notify(target.index)
                     return
@@ -177,6 +185,8 @@ class ApicBus:
 
     def _deliver(self, target: LocalApic, dm: int, vector: int) -> None:
         """Publish the event in ``target``, then notify (the order the kick relies on)."""
+        if self.tracer is not None:
+            self.tracer.send(target, dm, vector)
         if dm == DM_FIXED or dm == DM_LOWEST:
             if not target.accept_fixed(vector, False):
                 return

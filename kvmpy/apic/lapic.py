@@ -79,6 +79,10 @@ class LocalApic:
         # Called with the vector on the EOI of a level-triggered interrupt (TMR set):
         # the VMM may forward it to the IOAPIC (SDM 10.8.5). Runs on the owner's thread.
         self.on_level_eoi: Callable[[int], None] | None = None
+        # Tracing hooks (kvmpy.tracing), owner's thread: the vector an EOI cleared, and
+        # (vector, deadline) when the timer puts its vector in IRR.
+        self.on_eoi: Callable[[int], None] | None = None
+        self.on_timer_irq: Callable[[int, int], None] | None = None
 
         self.irr = bytearray(256)
         self.isr = bytearray(256)
@@ -482,6 +486,8 @@ class LocalApic:
             return False
         self._stats["self_ipi"] += 1
         self._stats["ipi_sent"] += 1
+        if self.bus.tracer is not None:
+            self.bus.tracer.send(self, c.DM_FIXED, value)
         if self.accept_fixed(value, False):
             self.bus.notify(self.index)
         return True
@@ -576,6 +582,8 @@ class LocalApic:
         self.isr[vector] = 0
         self._update_ppr()
         self._stats["eoi"] += 1
+        if self.on_eoi is not None:
+            self.on_eoi(vector)
         if self.tmr[vector]:
             self._stats["eoi_level"] += 1
             if self.on_level_eoi is not None:
@@ -687,6 +695,7 @@ class LocalApic:
         """If the timer is due at ``now_ns``: set the LVT timer vector in IRR unless the
         entry is masked (a masked timer still counts, SDM 10.5.1), rearm a periodic
         timer, and return True. The caller wakes the owner vCPU if needed."""
+        deadline = self.timer.deadline_ns if self.on_timer_irq is not None else 0
         if not self.timer.expire(now_ns):
             return False
         lvt = self._lvt[c.LVT_TIMER]
@@ -700,6 +709,8 @@ class LocalApic:
         else:
             self.tmr[vector] = 0
             self.irr[vector] = 1
+            if self.on_timer_irq is not None:
+                self.on_timer_irq(vector, deadline or 0)
         return True
 
     def __repr__(self) -> str:
