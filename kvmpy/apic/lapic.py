@@ -579,11 +579,7 @@ class LocalApic:
         if vector < 0:
             self._stats["eoi_without_isr"] += 1
             return
-        self.isr[vector] = 0
-        self._update_ppr()
-        self._stats["eoi"] += 1
-        if self.on_eoi is not None:
-            self.on_eoi(vector)
+        self._end_of_interrupt(vector)
         if self.tmr[vector]:
             self._stats["eoi_level"] += 1
             if self.on_level_eoi is not None:
@@ -598,10 +594,16 @@ class LocalApic:
         vector = self.isr.rfind(1)
         if vector < 0 or self.tmr[vector] or self.mode is _DISABLED:
             return False
+        self._end_of_interrupt(vector)
+        return True
+
+    def _end_of_interrupt(self, vector: int) -> None:
+        """Both EOI paths: clear ISR bit ``vector``, update PPR, count, trace."""
         self.isr[vector] = 0
         self._update_ppr()
         self._stats["eoi"] += 1
-        return True
+        if self.on_eoi is not None:
+            self.on_eoi(vector)
 
     def take_nmi(self) -> bool:
         """Consume one pending NMI (the VMM injects each with KVM_NMI, and KVM itself
