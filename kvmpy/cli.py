@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="vCPU counts for --scale")
     ipi.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ipi.add_argument("--plot", metavar="FILE.png", help="draw latency histograms")
+    ipi.add_argument("--breakdown", action="store_true",
+                     help="cut the vmexit-shaped round trip into its hops (traced, with "
+                     "perf's scheduler and KVM tracepoints where perf works)")
+    ipi.add_argument("--no-perf", dest="perf", action="store_false",
+                     help="--breakdown without perf (no in-kernel breakdown)")
     from kvmpy.bench.compare import add_compare_options, add_vmexit_parser
 
     add_compare_options(ipi, flag=True)
@@ -268,6 +273,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.rounds < 1:
         raise KvmpyError("--n and --rounds must be at least 1")
+    if args.breakdown:
+        return _cmd_breakdown(args)
     if args.scale and any(c < 2 or c > 64 for c in args.cpus):
         raise KvmpyError("--cpus for --scale must be between 2 and 64")
     runs = args.rounds * len(args.configs) * (len(args.cpus) if args.scale else 1)
@@ -287,6 +294,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot_report(result, args.plot)
     return 1 if result.failures else 0
+
+
+def _cmd_breakdown(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmpy.bench.breakdown import plot_breakdown, print_breakdown, run_breakdown
+
+    if args.scale:
+        raise KvmpyError("--breakdown is a two-vCPU test: it does not combine with --scale")
+    if args.n > 4096:
+        raise KvmpyError("--n for --breakdown must be at most 4096")
+    result = run_breakdown(args.configs, n=args.n, rounds=args.rounds, use_perf=args.perf)
+    if args.json:
+        print(json.dumps({"backend": result.backend, "perf": result.perf, "configs": {
+            name: {"round_trips": cb.round_trips, "skipped": cb.skipped,
+                   "failures": cb.failures, "hops_ns": cb.hops,
+                   "guest_round_trip_ns": cb.guest_rt_ns}
+            for name, cb in result.configs.items()}}))
+    else:
+        print_breakdown(result)
+    if args.plot:
+        plot_breakdown(result, args.plot)
+    failed = any(cb.failures or not cb.round_trips for cb in result.configs.values())
+    return 1 if failed else 0
 
 
 def _read_file(path: Path, what: str) -> bytes:

@@ -45,7 +45,10 @@ Sender thread (`ApicBus._deliver` -> `LocalApic.accept_fixed` -> `notify` ->
     act           IN_GUEST: write_ie (immediate_exit = 1) then signal (pthread_kill:
                   lost unless the target is inside the KVM_RUN syscall);
                   BLOCKED: wake (self.wake.set()); POLLING: nothing (the poller
-                  watches request_event)
+                  watches request_event). A sender that is a vCPU thread posts the
+                  signal or wake and sends it at its own next entry
+                  (`send_posted_kicks`): a later step of the same sender, which the
+                  search already places anywhere after read_mode.
 
 The guest is always interruptible (IF=1, TPR 0) and each sender sends one fixed IPI.
 KVM writes `ready_for_interrupt_injection` (queued slot empty) on every return from
@@ -387,7 +390,7 @@ def sender_program(cfg: Config, me: str, vector: int) -> list[Step]:
         *first,
         Step("act", (kick, "if mode == VcpuMode.IN_GUEST:"), act),
         Step("write_ie", (kick, "self.view.u8[kr.IMMEDIATE_EXIT] = 1"), write_ie),
-        Step("signal", (kick, "signal.pthread_kill(self.thread_ident, KICK_SIGNAL)"),
+        Step("signal", (f"{V}.signal_kick", "signal.pthread_kill(self.thread_ident, KICK_SIGNAL)"),
              send_signal),
         Step("wake", (kick, "self.wake.set()"), wake),
         Step("done", None, done),

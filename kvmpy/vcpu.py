@@ -67,6 +67,11 @@ HALT_POLL_GROW_START_NS = 10_000
 HALT_POLL_SHRINK = 2
 
 
+# The vCPU whose thread this is (set by run_loop): a kick requested by its exit handling
+# is posted to it and sent at its next KVM_RUN entry (`Vcpu.send_posted_kicks`).
+_this_thread = threading.local()
+
+
 class VcpuMode(enum.IntEnum):
     """Where the vCPU thread is, as the kick protocol sees it (KVM's vcpu->mode)."""
 
@@ -186,6 +191,10 @@ class Vcpu:
         self.mode = VcpuMode.OUTSIDE_GUEST
         self.request_event = False  # KVM_REQ_EVENT: set by senders after publishing
         self.wake = WakeToken()
+        # Kicks this vCPU's exit handling asked for, sent just before its next KVM_RUN
+        # (or before it sleeps): the vCPUs to wake and the vCPUs to signal.
+        self._posted_wakes: list[Vcpu] = []
+        self._posted_signals: list[Vcpu] = []
         # Halt polling (KVM's vcpu->halt_poll_ns): the current window, adapted per halt
         # within [0, machine.halt_poll_max_ns].
         self.halt_poll_ns = 0
@@ -222,51 +231,57 @@ class Vcpu:
     def run_loop(self) -> None:
         """The vCPU thread's body; returns when the VM stops."""
         self.thread_ident = threading.get_ident()
+        _this_thread.vcpu = self
         machine = self.machine
         stats = self.stats
         record_time = stats.record_time
         clock = time.perf_counter_ns
         exit_lock = machine.exit_lock
         tr = self.tracer
-        while not machine.stopping:
-            if self.state is not VcpuState.RUNNABLE:
-                self._block_until_runnable()
-                continue
-            self.request_event = False
-            self._inject_pending_events()
-            # Publish IN_GUEST, then re-check requests (see the module docstring).
-            self.mode = VcpuMode.IN_GUEST
-            if self.request_event or machine.stopping or self.state is not VcpuState.RUNNABLE:
-                self.mode = VcpuMode.OUTSIDE_GUEST
-                continue
-            if tr is not None:
-                tr.rec(tracing.ENTER, 0, 0)
-            exit = self.run()
-            if tr is not None:
-                tr.rec(tracing.EXIT, exit[0], exit[1])
-            t0 = clock() if record_time else 0
-            fp = handle_exit_irqoff(self, exit)
-            reason = exit[0]
-            stats.count[reason] += 1
-            if fp is Fastpath.REENTER_GUEST:
+        try:
+            while not machine.stopping:
+                if self.state is not VcpuState.RUNNABLE:
+                    self._block_until_runnable()
+                    continue
+                self.request_event = False
+                self._inject_pending_events()
+                # Publish IN_GUEST, then re-check requests (see the module docstring).
+                self.mode = VcpuMode.IN_GUEST
+                if self.request_event or machine.stopping or self.state is not VcpuState.RUNNABLE:
+                    self.mode = VcpuMode.OUTSIDE_GUEST
+                    continue
+                if self._posted_wakes or self._posted_signals:
+                    self.send_posted_kicks()
                 if tr is not None:
-                    tr.rec(tracing.DONE, reason, 1)
-                stats.fast[reason] += 1
+                    tr.rec(tracing.ENTER, 0, 0)
+                exit = self.run()
+                if tr is not None:
+                    tr.rec(tracing.EXIT, exit[0], exit[1])
+                t0 = clock() if record_time else 0
+                fp = handle_exit_irqoff(self, exit)
+                reason = exit[0]
+                stats.count[reason] += 1
+                if fp is Fastpath.REENTER_GUEST:
+                    if tr is not None:
+                        tr.rec(tracing.DONE, reason, 1)
+                    stats.fast[reason] += 1
+                    if record_time:
+                        dt = clock() - t0
+                        stats.fast_time[reason].add(dt)
+                        if is_icr_write(exit):
+                            stats.icr_fast_time.add(dt)
+                    continue
+                with exit_lock:
+                    handle_exit(self, exit, fp)
+                if tr is not None:
+                    tr.rec(tracing.DONE, reason, fp.value)
                 if record_time:
                     dt = clock() - t0
-                    stats.fast_time[reason].add(dt)
+                    stats.slow_time[reason].add(dt)
                     if is_icr_write(exit):
-                        stats.icr_fast_time.add(dt)
-                continue
-            with exit_lock:
-                handle_exit(self, exit, fp)
-            if tr is not None:
-                tr.rec(tracing.DONE, reason, fp.value)
-            if record_time:
-                dt = clock() - t0
-                stats.slow_time[reason].add(dt)
-                if is_icr_write(exit):
-                    stats.icr_slow_time.add(dt)
+                        stats.icr_slow_time.add(dt)
+        finally:
+            _this_thread.vcpu = None  # the thread may run other code later (tests)
 
     # ---------------------------------------------------------------- events
 
@@ -364,6 +379,8 @@ class Vcpu:
         that outlasted it, shrunk after a halt longer than the maximum."""
         machine = self.machine
         tr = self.tracer
+        if self._posted_wakes or self._posted_signals:
+            self.send_posted_kicks()
         if tr is not None:
             tr.rec(tracing.BLOCK, 2 if self.state is VcpuState.WAIT_FOR_SIPI else 1, 0)
         self.wake.clear()
@@ -474,7 +491,11 @@ class Vcpu:
         """Make this vCPU see a request that the caller has ALREADY published.
 
         Hot path: no allocation, no logging, no lock. See the module docstring for why
-        the order "publish, set request_event, read mode" cannot lose a request.
+        the order "publish, set request_event, read mode" cannot lose a request. On a
+        vCPU thread the signal or wake-up itself is posted to that vCPU and sent at its
+        next entry (`send_posted_kicks`): the woken thread needs the GIL at once, and
+        the kicker holds it until it enters KVM_RUN, so a kick sent mid-exit makes the
+        two collide on it (the target sleeps again on the GIL, a second wake-up).
         """
         self.request_event = True
         mode = self.mode
@@ -483,15 +504,48 @@ class Vcpu:
         if mode == VcpuMode.IN_GUEST:
             self.view.u8[kr.IMMEDIATE_EXIT] = 1
             if self.thread_ident != threading.get_ident():
-                stats = self.stats
-                t0 = time.perf_counter_ns() if stats.record_time else 0
-                signal.pthread_kill(self.thread_ident, KICK_SIGNAL)
-                if t0:
-                    # The sender's cost of a signal kick, kept on the target (a statistic:
-                    # two senders adding at once may rarely lose one sample).
-                    stats.kick_time.add(time.perf_counter_ns() - t0)
+                poster = getattr(_this_thread, "vcpu", None)
+                if poster is not None:
+                    poster._posted_signals.append(self)
+                else:
+                    self.signal_kick()
         elif mode == VcpuMode.BLOCKED:
-            self.wake.set()
+            poster = getattr(_this_thread, "vcpu", None)
+            if poster is not None:
+                poster._posted_wakes.append(self)
+            else:
+                self.wake.set()
+
+    def send_posted_kicks(self) -> None:
+        """Send the kicks posted by this vCPU's exit handling (its thread, before KVM_RUN
+        or before it sleeps). A posted kick is late by the rest of the exit, never lost:
+        the request it carries was published before it was posted."""
+        wakes = self._posted_wakes
+        for target in wakes:
+            target.wake_up()
+        wakes.clear()
+        signals = self._posted_signals
+        for target in signals:
+            target.signal_kick()
+        signals.clear()
+
+    def wake_up(self) -> None:
+        """Leave this blocked vCPU its wake token (the futex wake of its sleep)."""
+        stats = self.stats
+        t0 = time.perf_counter_ns() if stats.record_time else 0
+        self.wake.set()
+        if t0:
+            stats.wake_time.add(time.perf_counter_ns() - t0)  # as kick_time, below
+
+    def signal_kick(self) -> None:
+        """pthread_kill this vCPU's thread out of KVM_RUN (immediate_exit already set)."""
+        stats = self.stats
+        t0 = time.perf_counter_ns() if stats.record_time else 0
+        signal.pthread_kill(self.thread_ident, KICK_SIGNAL)
+        if t0:
+            # The sender's cost of a signal kick, kept on the target (a statistic: two
+            # senders adding at once may rarely lose one sample).
+            stats.kick_time.add(time.perf_counter_ns() - t0)
 
     def stop(self) -> None:
         """Kick for a VM stop: the loop checks `machine.stopping` before every entry."""

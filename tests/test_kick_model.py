@@ -156,8 +156,13 @@ CALL_ORDER = [  # statements the model's step order relies on, in source order
     ("kvmpy.machine:Machine._notify_vcpu", ["self.vcpus[index].kick()"]),
     ("kvmpy.vcpu:Vcpu.kick", [
         "self.request_event = True", "mode = self.mode", "if mode == VcpuMode.IN_GUEST:",
-        "self.view.u8[kr.IMMEDIATE_EXIT] = 1", "signal.pthread_kill",
+        "self.view.u8[kr.IMMEDIATE_EXIT] = 1", "self.signal_kick()",
         "elif mode == VcpuMode.BLOCKED:", "self.wake.set()"]),
+    ("kvmpy.vcpu:Vcpu.signal_kick", ["signal.pthread_kill"]),
+    # A posted kick is sent before the poster's own KVM_RUN and before it sleeps.
+    ("kvmpy.vcpu:Vcpu.run_loop", ["self.send_posted_kicks()", "exit = self.run()"]),
+    ("kvmpy.vcpu:Vcpu._block_until_runnable", ["self.send_posted_kicks()",
+                                                "self.wake.clear()"]),
 ]
 
 

@@ -7,6 +7,7 @@ import mmap
 import threading
 import time
 
+from kvmpy import vcpu as vcpu_module
 from kvmpy.apic.testing import make_system
 from kvmpy.kvm import run as kr
 from kvmpy.kvm.run import RunView
@@ -142,3 +143,44 @@ def test_with_polling_off_the_window_never_opens():
     vcpu._block_until_runnable()
     th.join()
     assert vcpu.stats.halt_slept == 1 and vcpu.halt_poll_ns == 0
+
+
+# ---------------------------------------------------------------- posted kicks
+
+
+def test_a_kick_from_a_vcpu_thread_is_posted_and_sent_at_its_entry():
+    sender, target = halted_vcpu(0), halted_vcpu(0)
+    target.mode = VcpuMode.BLOCKED
+    done = []
+
+    def on_sender_thread() -> None:
+        vcpu_module._this_thread.vcpu = sender
+        target.kick()
+        done.append((target.wake.is_set(), list(sender._posted_wakes)))
+        sender.send_posted_kicks()
+        done.append((target.wake.is_set(), list(sender._posted_wakes)))
+
+    th = threading.Thread(target=on_sender_thread)
+    th.start()
+    th.join()
+    assert target.request_event
+    assert done == [(False, [target]), (True, [])]
+
+
+def test_a_kick_from_another_thread_wakes_at_once():
+    target = halted_vcpu(0)
+    target.mode = VcpuMode.BLOCKED
+    th = threading.Thread(target=target.kick)  # e.g. the timer thread: no vCPU of its own
+    th.start()
+    th.join()
+    assert target.wake.is_set()
+
+
+def test_posted_kicks_are_sent_before_the_poster_sleeps():
+    sender, target = halted_vcpu(0), halted_vcpu(0)
+    target.mode = VcpuMode.BLOCKED
+    sender._posted_wakes.append(target)
+    th = _deliver_later(sender, 0.01)  # something to wake the sender itself
+    sender._block_until_runnable()
+    th.join()
+    assert target.wake.is_set() and sender._posted_wakes == []

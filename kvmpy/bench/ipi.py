@@ -169,6 +169,7 @@ def bench_ipi(*, n: int = 300, rounds: int = 3, mode: str = "x2apic",
             "icr_fast": _hist_summary(s.icr_fast_time),
             "icr_slow": _hist_summary(s.icr_slow_time),
             "kick": _hist_summary(s.kick_time),
+            "wake": _hist_summary(s.wake_time),
         }
     return result
 
