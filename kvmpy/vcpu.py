@@ -360,6 +360,8 @@ class Vcpu:
             self.sync_timer()
         if self.state is VcpuState.WAIT_FOR_SIPI:
             return apic.has_pending_events()
+        if not apic.init_pending and apic.halt_ends_at_once(bool(self.view.u8[kr.IF_FLAG])):
+            return True  # the common wake-up first, without the full check below
         # HLT with IF=0 sleeps until NMI/INIT/SMI; a maskable interrupt wakes it only
         # if it could be taken (the IF flag as of the HLT exit).
         if apic.take_init():

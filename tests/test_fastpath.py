@@ -650,3 +650,14 @@ def test_hlt_with_the_fastpath_off_halts_through_the_dispatch():
     system[0].accept_fixed(0x40, False)
     assert fast(vcpu, HLT) is Fastpath.NONE
     assert run_exit(vcpu, HLT) is Fastpath.NONE and vcpu.halts == 1
+
+
+def test_an_nmi_dropped_by_init_does_not_end_a_later_halt():
+    system, vcpu = x2apic_vcpu()
+    apic = system[0]
+    apic.accept_nmi()
+    apic.accept_init()
+    assert apic.take_init()  # INIT drops the pending NMI (SDM 10.4.7.3)
+    vcpu.view.u8[kr.IF_FLAG] = 0
+    assert not apic.halt_ends_at_once(False)
+    assert run_exit(vcpu, HLT) is Fastpath.EXIT_HANDLED and vcpu.halts == 1

@@ -553,7 +553,7 @@ class LocalApic:
         """Cheap, for the HLT fastpath: would a HLT executed now end at once? An NMI or
         INIT ends it; a maskable interrupt only if IF=1 (SDM Vol. 2A, HLT). False means
         "go and block", where the full check runs again."""
-        if self._nmi_flag or self.init_pending:
+        if self.init_pending or (self._nmi_flag and self.nmi_pending):
             return True
         return if_flag and self.pending_vector() is not None
 
