@@ -149,3 +149,22 @@ def test_ipi_compare_json_end_to_end(capsys: pytest.CaptureFixture[str]) -> None
             assert len(medians) == 2 and all(m > 0 for m in medians), (name, cfg)
         assert list(t["ratios"]) == ["fast/kernel"], name
         assert t["ratios"]["fast/kernel"]["ratio"] > 0
+
+
+def test_combined_runner_names_each_guests_tests_and_fails_if_one_fails():
+    from kvmpy.bench.compare import RunOutcome, combined_runner
+
+    calls = []
+
+    def guest(name: str, ok: bool):
+        def run(cfg: str) -> RunOutcome:
+            calls.append((name, cfg))
+            return RunOutcome({"ipi": [1.0, 2.0]}, ok, "" if ok else "boom", 2_000_000_000)
+        return run
+
+    run = combined_runner([("vmexit.flat", guest("a", True)), ("ipi_bench", guest("b", True))])
+    out = run("kvmpy-fast")
+    assert out.ok and set(out.values) == {"vmexit.flat ipi", "ipi_bench ipi"}
+    assert calls == [("a", "kvmpy-fast"), ("b", "kvmpy-fast")]
+    bad = combined_runner([("x", guest("a", True)), ("y", guest("b", False))])("kernel")
+    assert not bad.ok and bad.message == "y: boom"

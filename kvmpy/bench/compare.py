@@ -237,6 +237,9 @@ def add_vmexit_parser(bench_sub: argparse._SubParsersAction) -> None:  # type: i
     p.add_argument("--tests", nargs="+", default=["ipi", "ipi_halt"], metavar="NAME",
                    help="vmexit tests to run (its command line; default: ipi ipi_halt)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--with-ipi-bench", dest="with_ipi_bench", type=int, metavar="N",
+                   default=0, help="also run the bundled ipi_bench's vmexit_ipi and "
+                   "vmexit_ipi_halt (N samples each) in the same rounds, side by side")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_compare_options(p, flag=False)
 
@@ -261,6 +264,13 @@ def cli_main(args: argparse.Namespace) -> int:
         flat = vmexit_flat(args.kut_dir)
         runner = vmexit_runner(flat, args.tests)
         source = f"{flat.name} {' '.join(args.tests)} --cpus 2"
+        if args.with_ipi_bench:
+            if not 1 <= args.with_ipi_bench <= 4096:
+                raise KvmpyError("--with-ipi-bench takes 1 to 4096 samples")
+            runner = combined_runner([
+                (flat.name, runner),
+                ("ipi_bench", ipi_runner(args.with_ipi_bench, "x2apic", only="vmexit"))])
+            source += f", and ipi_bench only=vmexit n={args.with_ipi_bench}"
     else:
         if args.scale or args.plot:
             raise KvmpyError("--compare does not combine with --scale or --plot")
@@ -284,16 +294,37 @@ def cli_main(args: argparse.Namespace) -> int:
     return 1 if comparison.failures or not comparison.tests else 0
 
 
-def ipi_runner(n: int, mode: str) -> Runner:
+def ipi_runner(n: int, mode: str, only: str = "") -> Runner:
     """One run of the bundled ipi_bench guest on 2 vCPUs (kvmpy.bench.ipi.run_guest)."""
     from kvmpy.bench.ipi import run_guest
 
-    cmdline = f"n={n} mode={mode} cpus=2"
+    cmdline = f"n={n} mode={mode} cpus=2" + (f" only={only}" if only else "")
 
     def run(cfg: str) -> RunOutcome:
         g = run_guest(cfg, 2, cmdline)
         ok = g.status == 1 and "ipi_bench: done" in g.output
         values = {t: [float(v) for v in vs] for t, vs in g.samples.items()}
         return RunOutcome(values, ok, g.message, g.tsc_hz)
+
+    return run
+
+
+def combined_runner(parts: Sequence[tuple[str, Runner]]) -> Runner:
+    """Several guests per configuration and round, one after the other; each test is
+    named "<guest> <test>" so they stand side by side in one comparison."""
+
+    def run(cfg: str) -> RunOutcome:
+        values: dict[str, list[float]] = {}
+        ok = True
+        why = []
+        tsc_hz = 0
+        for prefix, runner in parts:
+            out = runner(cfg)
+            tsc_hz = out.tsc_hz or tsc_hz
+            if not out.ok:
+                ok = False
+                why.append(f"{prefix}: {out.message}")
+            values.update({f"{prefix} {t}": v for t, v in out.values.items()})
+        return RunOutcome(values, ok, "; ".join(why), tsc_hz)
 
     return run
