@@ -32,7 +32,9 @@ GIL between looks, and only then sleeps. A wake-up inside the window costs the s
 one attribute store instead of a futex wake and the target no scheduler round trip,
 which is why KVM's in-kernel halt is fast. As KVM polls only when nothing else wants
 the CPU (`single_task_running`), a vCPU polls only while no more vCPU threads are busy
-than the host has cores.
+than the host has cores. It is off by default (`--halt-poll-ns 0`): in Python the
+poller re-takes the GIL between looks and starves the very sender it waits for (README,
+"Where a round trip goes").
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from kvmpy.kvm import run as kr
 from kvmpy.kvm.system import VcpuFd
 from kvmpy.trace import ExitStats
 from kvmpy.tracing import recorder as tracing
+from kvmpy.wake import WakeToken
 
 if TYPE_CHECKING:
     from kvmpy.apic import LocalApic
@@ -79,39 +82,6 @@ class VcpuMode(enum.IntEnum):
     IN_GUEST = 1
     BLOCKED = 2  # sleeping on `wake` (halted, or waiting for SIPI)
     POLLING = 3  # halt polling: watching `request_event`; a kick need only set it
-
-
-class WakeToken:
-    """A binary semaphore on one `_thread.lock`: `set()` leaves a token, `wait()` takes
-    it (or times out), `clear()` drops a stale one. It replaces `threading.Event`, whose
-    Condition costs the waker a lock, a notify and a futex wake per waiter (measured
-    here: Event wake-up p50 15-23 us and 9-14 us on the waker, this 5-8 us and 2-3 us).
-    Tokens do not accumulate: setting a set token is a no-op, as for an Event."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()  # held = no token
-
-    def set(self) -> None:
-        """Leave a token (any thread)."""
-        try:
-            self._lock.release()
-        except RuntimeError:
-            pass  # a token is already there
-
-    def clear(self) -> None:
-        """Drop a token left earlier (the owner, before it re-checks and sleeps)."""
-        self._lock.acquire(False)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Sleep until a token is left (taking it) or `timeout` seconds pass."""
-        return self._lock.acquire(True, -1 if timeout is None else timeout)
-
-    def is_set(self) -> bool:
-        if self._lock.acquire(False):
-            self._lock.release()
-            return True
-        return False
 
 
 class VcpuState(enum.Enum):

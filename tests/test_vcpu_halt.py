@@ -17,8 +17,8 @@ from kvmpy.vcpu import (
     Vcpu,
     VcpuMode,
     VcpuState,
-    WakeToken,
 )
+from kvmpy.wake import WakeToken
 
 
 class _Fd:
