@@ -309,7 +309,7 @@ def _cmd_breakdown(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"backend": result.backend, "perf": result.perf, "configs": {
             name: {"round_trips": cb.round_trips, "skipped": cb.skipped,
-                   "failures": cb.failures, "hops_ns": cb.hops,
+                   "failures": cb.failures, "round_trips_ns": cb.trips,
                    "guest_round_trip_ns": cb.guest_rt_ns}
             for name, cb in result.configs.items()}}))
     else:

@@ -306,7 +306,8 @@ class ConfigBreakdown:
     """Hops of every round trip of one configuration, pooled over its runs (ns)."""
 
     config: str
-    hops: dict[str, list[int]] = field(default_factory=dict)
+    hops: dict[str, list[int]] = field(default_factory=dict)  # hop -> ns, pooled
+    trips: list[dict[str, int]] = field(default_factory=list)  # hop -> ns, per round trip
     round_trips: int = 0
     skipped: int = 0  # kvmpy: target not asleep; kernel: caught by halt polling
     guest_rt_ns: list[float] = field(default_factory=list)  # the guest's own samples
@@ -315,6 +316,7 @@ class ConfigBreakdown:
     def add(self, trips: Iterable[dict[str, int]]) -> None:
         for trip in trips:
             self.round_trips += 1
+            self.trips.append(trip)
             for hop, ns in trip.items():
                 self.hops.setdefault(hop, []).append(ns)
 
