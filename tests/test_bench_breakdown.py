@@ -86,7 +86,8 @@ PERF_TEXT = """\
    101  1000.000000000:        kvm:kvm_apic_ipi: dst 1 vec 84 (Fixed|physical|assert|edge|dst)
    101  1000.000001000: kvm:kvm_apic_accept_irq: apicid 1 vec 84 (Fixed|edge)
    101  1000.000002000:      sched:sched_wakeup: comm=python3 pid=102 prio=120 target_cpu=001
-     0  1000.000007000:      sched:sched_switch: prev_comm=swapper/1 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=python3 next_pid=102 next_prio=120
+     0  1000.000007000:      sched:sched_switch: prev_comm=swapper/1 prev_pid=0 ==> \
+next_comm=python3 next_pid=102 next_prio=120
    102  1000.000009000:     kvm:kvm_vcpu_wakeup: wait time 66004 ns, polling valid
    102  1000.000012000:             kvm:kvm_eoi: apicid 1 vector 84
    101  1000.000080000:        kvm:kvm_apic_ipi: dst 1 vec 84 (Fixed|physical|assert|edge|dst)
