@@ -182,11 +182,10 @@ class Vcpu:
             if self.request_event or machine.stopping or self.state is not VcpuState.RUNNABLE:
                 self.mode = VcpuMode.OUTSIDE_GUEST
                 continue
-            if tr is not None:
-                tr.rec(tracing.ENTER, 0, 0)
+            t_enter = tracing.now_ns() if tr is not None else 0
             exit = self.run()
             if tr is not None:
-                tr.rec(tracing.EXIT, exit[0], exit[1])
+                tr.ran(t_enter, exit)
             t0 = clock() if record_time else 0
             fp = handle_exit_irqoff(self, exit)
             reason = exit[0]

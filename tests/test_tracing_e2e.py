@@ -132,7 +132,7 @@ def test_small_ring_wraps_and_the_trace_still_validates(tmp_path: Path) -> None:
     for e in trace["traceEvents"]:
         if e["ph"] == "X" and e["tid"] in (1, 2):
             per_tid[e["tid"]] += 1
-    assert 0 < max(per_tid.values()) <= 64
+    assert 0 < max(per_tid.values()) <= 2 * 64  # a RUN record is two slices
     # What the window holds is joined; what fell out of it is not counted as lost.
     assert other["interrupts"] <= sum(counts.values())
     assert other["never_injected"] == 0
@@ -170,17 +170,17 @@ def _traced_floor_run(n: int, events: int) -> tuple[r.Tracer, int, int]:
 
 
 def test_long_run_rings_stay_bounded_and_memory_does_not_grow() -> None:
-    """4k then 20k ICR exits (~12k, ~60k events) through 256-event rings: the slot count
+    """4k then 20k ICR exits (~8k, ~40k events) through 256-event rings: the slot count
     never changes, and what the recorder still holds after the run (the ints of the last
     256 events) is the same for both lengths; a leak of one int per event would add
-    ~1.5 MB between them."""
+    ~1 MB between them."""
     short, _, held_short = _traced_floor_run(4_000, 256)
     tracer, slots, held = _traced_floor_run(20_000, 256)
     ring = tracer.vcpu_rings[0]
-    assert ring.count >= 3 * 20_000 and ring.dropped == ring.count - 256
+    assert ring.count >= 2 * 20_000 and ring.dropped == ring.count - 256  # RUN + DONE
     assert tracer.slots == slots == short.slots
     assert abs(held - held_short) < 2048 and held < 64 * 1024, (held_short, held)
     trace = export.build(tracer, title="floor")
     assert schema.validate(trace) == []
     slices = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["tid"] == 1]
-    assert 200 <= len(slices) <= 256
+    assert 256 <= len(slices) <= 2 * 256  # guest + exit from a RUN, loop top from DONE
