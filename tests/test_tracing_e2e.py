@@ -184,3 +184,21 @@ def test_long_run_rings_stay_bounded_and_memory_does_not_grow() -> None:
     assert schema.validate(trace) == []
     slices = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["tid"] == 1]
     assert 256 <= len(slices) <= 2 * 256  # guest + exit from a RUN, loop top from DONE
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--trace-events", "8"], "--trace-events must be between 16 and"),
+    (["--trace-events", "0"], "--trace-events must be between 16 and"),
+])
+def test_bad_trace_options_are_one_line_before_the_guest_runs(tmp_path: Path, args: list[str],
+                                                              message: str) -> None:
+    res = kvmpy_run(build_guest("hello"), "--trace", str(tmp_path / "t.json"), *args)
+    assert res.returncode == 2 and message in res.stderr and res.stderr.count("\n") == 1
+    assert "hello" not in res.stdout and not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("where", ["missing/t.json", "."])
+def test_unwritable_trace_path_is_one_line(tmp_path: Path, where: str) -> None:
+    res = kvmpy_run(build_guest("hello"), "--trace", str(tmp_path / where))
+    assert res.returncode == 2 and "cannot write trace" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1
