@@ -202,3 +202,51 @@ def test_unwritable_trace_path_is_one_line(tmp_path: Path, where: str) -> None:
     res = kvmpy_run(build_guest("hello"), "--trace", str(tmp_path / where))
     assert res.returncode == 2 and "cannot write trace" in res.stderr, res.stderr
     assert res.stderr.count("\n") == 1
+
+
+def test_coalesced_ipis_are_merged_flows_not_invented_interrupts(tmp_path: Path) -> None:
+    """Bursts of 4 back-to-back IPIs of one vector to a halted vCPU: those that find the
+    vector pending in IRR merge into it. The trace holds exactly the guest's received
+    count as interrupts, and every other send as a flow merged into one of them."""
+    out = tmp_path / "trace.json"
+    res = kvmpy_run(build_guest("trace_ipi"), "--cpus", "2", "--append",
+                    "n=5 timer=1 burst=4", "--trace", str(out))
+    assert res.returncode == GUEST_OK, (res.stdout, res.stderr)
+    m = re.search(r"^trace_ipi: cpu 1 vector 0x53 received (\d+) sent (\d+)$", res.stdout, re.M)
+    assert m, res.stdout
+    received, sent = int(m.group(1)), int(m.group(2))
+    assert sent == 20
+    trace = json.loads(out.read_text())
+    assert schema.validate(trace) == []
+    burst = [e["args"] for e in trace["traceEvents"]
+             if e.get("cat") == "irq" and e["args"]["vector"] == 0x53]
+    merged = sum(len(it["merged"]) for it in burst)
+    assert len(burst) == received and received + merged == sent
+    merged_flows = [e for e in trace["traceEvents"] if e.get("cat") == "irq.merged"]
+    assert len(merged_flows) == 2 * merged  # a start and a finish each
+    assert trace["otherData"]["unsourced_injections"] == 0
+    assert trace["otherData"]["never_injected"] == 0
+
+
+def test_traced_ipi_stress_on_4_vcpus_matches_the_guests_per_cpu_counts(tmp_path: Path
+                                                                        ) -> None:
+    """Random fixed, logical, self, broadcast and all-but-self IPIs on 4 vCPUs (the
+    guest keeps one in flight per target and vector): per target, the trace's
+    interrupts on the guest's vectors are the guest's own received counts."""
+    out = tmp_path / "trace.json"
+    res = kvmpy_run(build_guest("ipi_stress"), "--cpus", "4", "--append", "ipis=120 seed=5",
+                    "--trace", str(out))
+    assert res.returncode == GUEST_OK, (res.stdout, res.stderr)
+    guest = {int(c): int(n) for c, n in
+             re.findall(r"^ipi_stress: cpu (\d+) received (\d+)$", res.stdout, re.M)}
+    assert len(guest) == 4
+    trace = json.loads(out.read_text())
+    assert schema.validate(trace) == []
+    per_target: dict[int, int] = defaultdict(int)
+    for e in trace["traceEvents"]:
+        if e.get("cat") == "irq" and 0x40 <= e["args"]["vector"] < 0x50:
+            it = e["args"]
+            assert it["t_send"] is not None and it["t_eoi"] is not None, it
+            per_target[it["target"]] += 1
+    assert dict(per_target) == guest
+    assert trace["otherData"]["unsourced_injections"] == 0
