@@ -200,14 +200,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _attach_tracer(machine: Machine, args: argparse.Namespace) -> Tracer:
-    from kvmpy.tracing.probes import attach
-    from kvmpy.tracing.recorder import DEFAULT_EVENTS
+    import os
 
-    try:  # fail before the guest runs, not after
-        Path(args.trace).open("a").close()
-    except OSError as e:
-        raise KvmpyError(f"cannot write trace {args.trace}: {e.strerror}") from None
-    return attach(machine, args.trace_events or DEFAULT_EVENTS)
+    from kvmpy.tracing.probes import attach
+    from kvmpy.tracing.recorder import DEFAULT_EVENTS, MAX_EVENTS, MIN_EVENTS
+
+    events = DEFAULT_EVENTS if args.trace_events is None else args.trace_events
+    if not MIN_EVENTS <= events <= MAX_EVENTS:
+        raise KvmpyError(f"--trace-events must be between {MIN_EVENTS} and {MAX_EVENTS}, "
+                         f"got {events}")
+    target = Path(args.trace)
+    parent = target.resolve().parent  # fail before the guest runs, not after
+    if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise KvmpyError(f"cannot write trace {args.trace}: "
+                         + ("is a directory" if target.is_dir() else
+                            "no such directory" if not parent.is_dir() else
+                            "permission denied"))
+    return attach(machine, events)
 
 
 def _write_trace(tracer: Tracer, path: str, title: str) -> None:

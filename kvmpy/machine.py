@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from kvmpy.apic import ApicBus, LocalApic
 from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
@@ -31,7 +31,6 @@ from kvmpy.kvm import ioctls as k
 from kvmpy.memory import GuestMemory
 from kvmpy.timers import TimerService
 from kvmpy.trace import ExitStats
-from kvmpy.tracing.recorder import Tracer
 from kvmpy.vcpu import (
     HALT_POLL_NS_DEFAULT,
     KICK_SIGNAL,
@@ -39,6 +38,9 @@ from kvmpy.vcpu import (
     VcpuState,
     install_kick_handler,
 )
+
+if TYPE_CHECKING:
+    from kvmpy.tracing.recorder import Tracer
 
 # Process exit statuses. A debug-exit write of V gives (V << 1) | 1, always odd; every
 # status kvmpy chooses itself is even, so the two never collide.

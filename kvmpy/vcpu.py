@@ -222,11 +222,10 @@ class Vcpu:
                     continue
                 if self._posted_wakes or self._posted_signals:
                     self.send_posted_kicks()
-                if tr is not None:
-                    tr.rec(tracing.ENTER, 0, 0)
+                t_enter = tracing.now_ns() if tr is not None else 0
                 exit = self.run()
                 if tr is not None:
-                    tr.rec(tracing.EXIT, exit[0], exit[1])
+                    tr.ran(t_enter, exit)
                 t0 = clock() if record_time else 0
                 fp = handle_exit_irqoff(self, exit)
                 reason = exit[0]

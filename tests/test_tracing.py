@@ -44,6 +44,18 @@ def test_ring_before_it_wraps_and_exactly_full() -> None:
     assert [x[2] for x in ring.records()] == list(range(16)) and ring.dropped == 0
 
 
+def test_a_run_record_reads_back_as_enter_then_exit() -> None:
+    ring = r.Ring("t", 16)
+    t_enter = r.now_ns()
+    ring.ran(t_enter, (WRMSR, 0x830, 0x40, 0))
+    ring.rec(r.DONE, WRMSR, 1)
+    (t0, k0, a0, b0), (t1, k1, a1, b1), done = ring.records()
+    assert (t0, k0, a0, b0) == (t_enter, r.ENTER, 0, 0)
+    assert (k1, a1, b1) == (r.EXIT, WRMSR, 0x830) and t_enter <= t1 <= done[0]
+    ring.ran(t_enter, (k.KVM_EXIT_MMIO, 0xFEE00300, 4, 1))
+    assert ring.records()[-1][1:] == (r.EXIT, k.KVM_EXIT_MMIO, 0xFEE00300)
+
+
 @pytest.mark.parametrize("n", [0, 15, r.MAX_EVENTS + 1])
 def test_ring_capacity_out_of_bounds_is_refused(n: int) -> None:
     with pytest.raises(ValueError, match="between"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from kvmpy.kvm import ioctls as k
@@ -87,13 +88,37 @@ class Join:
     # (t_send, sender, target, t_start): SIPI send -> the AP leaving wait-for-SIPI
 
 
+class _Timeline:
+    """Records of one kind-filtered stream with their times, for bisecting."""
+
+    def __init__(self, recs: list[Record]) -> None:
+        self.recs = recs
+        self.times = [x[0] for x in recs]
+
+    def first_after(self, t: int, pred: Callable[[Record], bool]) -> Record | None:
+        """The first record at or after ``t`` that ``pred`` accepts."""
+        recs = self.recs
+        for i in range(bisect.bisect_left(self.times, t), len(recs)):
+            if pred(recs[i]):
+                return recs[i]
+        return None
+
+    def last_before(self, t: int, pred: Callable[[Record], bool]) -> Record | None:
+        """The last record at or before ``t`` that ``pred`` accepts."""
+        recs = self.recs
+        for i in range(bisect.bisect_right(self.times, t) - 1, -1, -1):
+            if pred(recs[i]):
+                return recs[i]
+        return None
+
+
 def _next(times: list[int], recs: list[Record], t: int, kind: int,
-          pred: object = None) -> Record | None:
+          pred: Callable[[Record], bool] | None = None) -> Record | None:
     """The first record of ``kind`` at or after time ``t``."""
     i = bisect.bisect_left(times, t)
     while i < len(recs):
         rec = recs[i]
-        if rec[1] == kind and (pred is None or pred(rec)):  # type: ignore[operator]
+        if rec[1] == kind and (pred is None or pred(rec)):
             return rec
         i += 1
     return None
@@ -105,12 +130,12 @@ def join(rings: dict[str, list[Record]], vcpu_names: list[str],
     sources: dict[tuple[int, int], list[tuple[int, str, int, int, int, Record]]] = \
         defaultdict(list)
     # (target, vector) -> [(t, kind, sender, flags, deadline, record)]
-    kicks: dict[str, list[Record]] = {}
+    kicks: dict[str, _Timeline] = {}
     rejected = 0
     sipis: list[tuple[int, int, int]] = []
     sender_of = {name: i for i, name in enumerate(vcpu_names)}
     for name, recs in rings.items():
-        kicks[name] = [x for x in recs if x[1] == r.KICK and x[0] >= window_ns]
+        kicks[name] = _Timeline([x for x in recs if x[1] == r.KICK and x[0] >= window_ns])
         sender = sender_of.get(name, -1)
         for rec in recs:
             t, kind, a, b = rec
@@ -127,7 +152,9 @@ def join(rings: dict[str, list[Record]], vcpu_names: list[str],
                 sources[(a, -NMI_VECTOR)].append((t, "ipi", sender, flags, 0, rec))
             elif dm == DM_SIPI:
                 sipis.append((t, sender, a))
-    timer_fires = [x for x in rings.get("timer thread", []) if x[1] == r.TIMER_FIRE]
+    timer_fires = _Timeline([x for x in rings.get("timer thread", [])
+                             if x[1] == r.TIMER_FIRE])
+    no_kicks = _Timeline([])
     injections: dict[tuple[int, int], list[Record]] = defaultdict(list)
     eois: dict[tuple[int, int], list[int]] = defaultdict(list)
     per_vcpu: list[tuple[list[int], list[Record]]] = []
@@ -167,9 +194,9 @@ def join(rings: dict[str, list[Record]], vcpu_names: list[str],
                 it.merged = [(p[0], p[2]) for p in pending[1:]]
                 if kind == "timer":
                     it.t_deadline = deadline
-                    _timer_kick(it, timer_fires, kicks.get("timer thread", []))
+                    _timer_kick(it, timer_fires, kicks.get("timer thread", no_kicks))
                 elif sender >= 0:
-                    _sender_kick(it, kicks.get(vcpu_names[sender], []), target)
+                    _sender_kick(it, kicks.get(vcpu_names[sender], no_kicks), target)
                 _target_reaction(it, times, recs)
             elif n == 0 and window_ns:
                 truncated += 1
@@ -198,29 +225,23 @@ def join(rings: dict[str, list[Record]], vcpu_names: list[str],
     return Join(interrupts, window_ns, unsourced, truncated, never, rejected, sipi_flows)
 
 
-def _sender_kick(it: Interrupt, kicks: list[Record], target: int) -> None:
+def _sender_kick(it: Interrupt, kicks: _Timeline, target: int) -> None:
     """The kick the sender did for this IPI: its first KICK of the target after the send."""
-    times = [x[0] for x in kicks]
-    i = bisect.bisect_left(times, it.t_send or 0)
-    while i < len(kicks):
-        if kicks[i][2] == target:
-            if kicks[i][0] <= it.t_inject:
-                it.t_kick, it.kick_how = kicks[i][0], kicks[i][3]
-            return
-        i += 1
+    kick = kicks.first_after(it.t_send or 0, lambda x: x[2] == target)
+    if kick is not None and kick[0] <= it.t_inject:
+        it.t_kick, it.kick_how = kick[0], kick[3]
 
 
-def _timer_kick(it: Interrupt, fires: list[Record], kicks: list[Record]) -> None:
+def _timer_kick(it: Interrupt, fires: _Timeline, kicks: _Timeline) -> None:
     """The timer thread's firing for this deadline, and the kick that followed it."""
-    for rec in reversed(fires):
-        if rec[0] <= (it.t_send or 0) and rec[2] == it.target and rec[3] == it.t_deadline:
-            it.t_fire, it.fire_tid = rec[0], "timer thread"
-            for kick in kicks:
-                if kick[0] >= rec[0] and kick[2] == it.target:
-                    if kick[0] <= (it.t_send or 0):
-                        it.t_kick, it.kick_how = kick[0], kick[3]
-                    break
-            return
+    t_irq = it.t_send or 0
+    fire = fires.last_before(t_irq, lambda x: x[2] == it.target and x[3] == it.t_deadline)
+    if fire is None:
+        return
+    it.t_fire, it.fire_tid = fire[0], "timer thread"
+    kick = kicks.first_after(fire[0], lambda x: x[2] == it.target)
+    if kick is not None and kick[0] <= t_irq:
+        it.t_kick, it.kick_how = kick[0], kick[3]
 
 
 def _target_reaction(it: Interrupt, times: list[int], recs: list[Record]) -> None:

@@ -22,8 +22,11 @@ Record kinds and their (a, b):
 =========== ============================ ==========================================
 kind        a                            b
 =========== ============================ ==========================================
+RUN         exit reason | detail << 8    the time KVM_RUN was entered (one record per
+                                                    KVM_RUN; ``records()`` gives it back
+                                                    as ENTER at that time, then EXIT)
 ENTER       0                            0          (KVM_RUN is about to be called)
-EXIT        exit reason                  MSR index / port / MMIO address / 0
+EXIT        exit reason                  detail: MSR index / port / MMIO address / 0
 DONE        exit reason                  path: Fastpath value (1 fast, 0 slow, 2 ...)
 INJECT      vector                       1 for an NMI (KVM_NMI), 0 for KVM_INTERRUPT
 EOI         vector (the ISR bit cleared) 0
@@ -59,7 +62,7 @@ now_ns = time.monotonic_ns  # the trace clock, for code that stamps beside the r
 _clock = now_ns
 
 FIELDS = 4
-DEFAULT_EVENTS = 1 << 17  # per thread: 4 MiB of slots per vCPU (+ the ints), ~40k exits
+DEFAULT_EVENTS = 1 << 17  # per thread: 4 MiB of slots per vCPU (+ the ints), ~65k exits
 MIN_EVENTS = 16
 MAX_EVENTS = 1 << 24
 CONSOLE_LINES = 4096  # serial console lines kept (the last ones), each cut at LINE_MAX
@@ -78,11 +81,12 @@ SEND = 10
 KICK = 11
 TIMER_FIRE = 12
 SIGNAL = 13
+RUN = 14
 
 KIND_NAMES = {
     ENTER: "enter", EXIT: "exit", DONE: "done", INJECT: "inject", EOI: "eoi",
     TIMER_IRQ: "timer_irq", BLOCK: "block", WOKE: "woke", UNBLOCK: "unblock",
-    SEND: "send", KICK: "kick", TIMER_FIRE: "timer_fire", SIGNAL: "signal",
+    SEND: "send", KICK: "kick", TIMER_FIRE: "timer_fire", SIGNAL: "signal", RUN: "run",
 }
 
 # SEND flags (b >> 12): what the sender saw in the target when it published the IPI.
@@ -143,15 +147,26 @@ class Ring:
         """Bytes of the slot list itself (the ints it refers to come and go)."""
         return sys.getsizeof(self.buf)
 
+    def ran(self, t_enter: int, exit: tuple[int, int, int, int]) -> None:
+        """One KVM_RUN: entered at ``t_enter``, returned ``exit`` now (one record where
+        ENTER and EXIT would take two: the hot path pays one call per KVM_RUN)."""
+        self.rec(RUN, exit[0] | exit[1] << 8, t_enter)
+
     def records(self) -> list[tuple[int, int, int, int]]:
-        """The retained events, oldest first (call when the writer has stopped)."""
+        """The retained events, oldest first, RUN records given back as ENTER then EXIT
+        (call when the writer has stopped)."""
         buf = self.buf
         n = min(self.count, self.capacity)
         start = self._j if self.count > self.capacity else 0
         out = []
         for i in range(n):
             j = ((start // FIELDS + i) % self.capacity) * FIELDS
-            out.append((buf[j], buf[j + 1], buf[j + 2], buf[j + 3]))
+            t, kind, a, b = buf[j], buf[j + 1], buf[j + 2], buf[j + 3]
+            if kind == RUN:
+                out.append((b, ENTER, 0, 0))
+                out.append((t, EXIT, a & 0xFF, a >> 8))
+            else:
+                out.append((t, kind, a, b))
         return out
 
     # ------------------------------------------------------------ hooks on a vCPU ring

@@ -240,7 +240,8 @@ def plot_summary(s: Summary, path: str | Path) -> Path:
         left = [a + b for a, b in zip(left, widths, strict=True)]
     ax2.set_xlabel("ms")
     ax2.set_title("Where each vCPU's time went")
-    ax2.legend(fontsize=8, ncol=len(STATE_ORDER), loc="lower right")
+    ax2.legend(fontsize=8, ncol=len(STATE_ORDER), loc="upper center",
+               bbox_to_anchor=(0.5, -0.3 - 0.1 / max(len(s.states), 1)))
     if s.title:
         fig.suptitle(s.title)
     fig.tight_layout()
