@@ -13,6 +13,7 @@ import mmap
 from dataclasses import dataclass
 
 PAGE_SIZE = 4096
+_libc = ctypes.CDLL(None, use_errno=True)
 PCI_HOLE_START = 0xC000_0000  # 3 GiB: the xAPIC page, IOAPIC and PCI MMIO live above it
 HIGH_RAM_START = 0x1_0000_0000
 
@@ -105,6 +106,19 @@ class GuestMemory:
                 break
             out += b
         return bytes(out)
+
+    def flush_page(self, gpa: int) -> bool:
+        """Make the host page behind guest page ``gpa`` inaccessible and accessible again
+        (QEMU's pc-testdev test_flush_page): the MMU notifier makes KVM drop its mapping,
+        and the guest's next access faults it back in. False if ``gpa`` is not RAM."""
+        gpa &= ~(PAGE_SIZE - 1)
+        if not self.is_ram(gpa, PAGE_SIZE):
+            return False
+        region = self._region(gpa, PAGE_SIZE)
+        addr = ctypes.c_void_p(region.host_address + gpa - region.gpa)
+        _libc.mprotect(addr, PAGE_SIZE, mmap.PROT_NONE)
+        _libc.mprotect(addr, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+        return True
 
     def close(self) -> None:
         for region in self.regions:
