@@ -116,7 +116,7 @@ class GuestMemory:
             return False
         region = self._region(gpa, PAGE_SIZE)
         addr = ctypes.c_void_p(region.host_address + gpa - region.gpa)
-        _libc.mprotect(addr, PAGE_SIZE, mmap.PROT_NONE)
+        _libc.mprotect(addr, PAGE_SIZE, 0)  # PROT_NONE
         _libc.mprotect(addr, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
         return True
 

@@ -114,9 +114,11 @@ class IoApic:
         bus: ApicBus,
         *,
         defer: Callable[[int], None] | None = None,
+        storm_limit: int = SUCCESSIVE_IRQ_MAX_COUNT,
         name: str = "ioapic",
     ) -> None:
         self.name = name
+        self.storm_limit = storm_limit
         self.bus = bus
         self.defer = defer
         self._lock = threading.Lock()
@@ -288,7 +290,7 @@ class IoApic:
                 self._successive[pin] = 0
                 continue
             self._successive[pin] += 1
-            if self._successive[pin] >= SUCCESSIVE_IRQ_MAX_COUNT:
+            if self._successive[pin] >= self.storm_limit:
                 self._successive[pin] = 0
                 self._deferred |= 1 << pin
                 self.stats["storm_deferred"] += 1
