@@ -570,3 +570,19 @@ def test_reset_masks_everything() -> None:
     io.set_irq(1, True)
     io.reset()
     assert reg_read(io, 0) == 0 and read_entry(io, 1) == RTE_MASKED
+
+
+def test_entry_rewritten_to_nmi_keeps_remote_irr_but_delivers_on_edges() -> None:
+    # Remote IRR survives a rewrite that stays level (QEMU, KVM), but an NMI entry is
+    # edge-triggered whatever its trigger bit says: the leftover bit does not block it.
+    system, io = setup(2)
+    program(io, 1, entry(0x40, dest=1, level=True))
+    io.set_irq(1, True)
+    assert io.remote_irr(1)
+    program(io, 1, entry(0x40, dm=NMI, dest=1, level=True))
+    assert io.remote_irr(1)
+    io.set_irq(1, False)
+    io.set_irq(1, True)
+    assert system[1].stats["nmi_received"] == 1
+    io.eoi(0x40)  # the vector field still matches: the broadcast clears the leftover
+    assert not io.remote_irr(1)
