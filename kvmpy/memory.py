@@ -108,16 +108,20 @@ class GuestMemory:
         return bytes(out)
 
     def flush_page(self, gpa: int) -> bool:
-        """Make the host page behind guest page ``gpa`` inaccessible and accessible again
-        (QEMU's pc-testdev test_flush_page): the MMU notifier makes KVM drop its mapping,
-        and the guest's next access faults it back in. False if ``gpa`` is not RAM."""
+        """Make KVM drop its mapping of guest page ``gpa`` so that the guest's next access
+        faults it back in (QEMU's pc-testdev test_flush_page). QEMU mprotects the page
+        PROT_NONE and back; here the page gains PROT_EXEC and loses it again: mprotect
+        sends the same MMU-notifier invalidation (MMU_NOTIFY_PROTECTION_VMA) and the page
+        never becomes inaccessible, so another vCPU touching it meanwhile cannot make
+        KVM_RUN fail with EFAULT. False if ``gpa`` is not RAM."""
         gpa &= ~(PAGE_SIZE - 1)
         if not self.is_ram(gpa, PAGE_SIZE):
             return False
         region = self._region(gpa, PAGE_SIZE)
         addr = ctypes.c_void_p(region.host_address + gpa - region.gpa)
-        _libc.mprotect(addr, PAGE_SIZE, 0)  # PROT_NONE
-        _libc.mprotect(addr, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+        rw = mmap.PROT_READ | mmap.PROT_WRITE
+        _libc.mprotect(addr, PAGE_SIZE, rw | mmap.PROT_EXEC)
+        _libc.mprotect(addr, PAGE_SIZE, rw)
         return True
 
     def close(self) -> None:

@@ -4,10 +4,10 @@
   access of n bytes at offset o reads or writes bytes o..o+n-1 of it (test_ioport_read
   and _write; bytes beyond the register are cut off, as QEMU's uint32_t). emulator.flat,
   realmode.flat and amd_sev.flat echo values through 0xe0.
-- 0xe4 ("flush-page", 32-bit writes only): the value is a guest-physical address; the
-  host page behind it is made inaccessible and accessible again (QEMU's mprotect pair),
-  so KVM drops its mapping and the guest's next access faults it back in. eventinj.flat
-  uses it (only when TEST_DEVICE is set). The VMM supplies ``flush_page``.
+- 0xe4 ("flush-page", 32-bit writes only): the value is a guest-physical address whose
+  mapping KVM is made to drop (QEMU mprotects the host page; see
+  GuestMemory.flush_page), so the guest's next access faults it back in. eventinj.flat
+  uses it when TEST_DEVICE is set. The VMM supplies ``flush_page``.
 - 0x2000-0x2017 ("irq-line", byte writes): a write of v to 0x2000 + n drives line n to
   (v != 0). Lines 0-15 are ISA IRQs (QEMU's isa_get_irq; IRQ 0 is GSI 2), 16-23 GSIs
   16-23 (QEMU would abort: isa_get_irq asserts n < 16). ioapic.flat's set_irq_line.
