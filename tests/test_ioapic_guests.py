@@ -99,3 +99,53 @@ def test_kvm_unit_tests_ioapic(tmp_path: Path) -> None:
     assert len(re.findall(r"^PASS: ", out, re.M)) >= KUT_IOAPIC_MIN_PASSES, out
     assert re.search(r"^SUMMARY: 30 tests", out, re.M), out
     assert r.returncode == (GUEST_FAILED if failed else GUEST_OK), (out[-2000:], r.stderr)
+
+
+# ---------------------------------------------------------------- the wiring in Machine
+
+
+def test_machine_wires_ioapic_lines_eoi_and_the_storm_timer() -> None:
+    import time
+
+    from kvmpy.apic.constants import REG_EOI, REG_SVR
+    from kvmpy.apic.ioapic import IoApic
+    from kvmpy.devices.pc_testdev import PcTestdev, PcTestdevIrq
+    from kvmpy.machine import Machine, MachineConfig
+
+    with Machine(MachineConfig(cpus=2)) as m:
+        io = m.ioapic
+        assert isinstance(io, IoApic)
+        assert m.mmio_bus.find(0xFEC00000) == (io, 0)
+        assert m.mmio_bus.find(0xFEC00FFF) == (io, 0xFFF)
+        assert isinstance(m.pio_bus.find(0xE0)[0], PcTestdev)
+        assert isinstance(m.pio_bus.find(0x2017)[0], PcTestdevIrq)
+        apic = m.vcpus[1].apic
+        apic.mmio_write(REG_SVR, 4, 0x1FF)
+        io.storm_limit = 1
+        m.mmio_bus.write(0xFEC00000, 4, 0x10 + 2 * 5 + 1)
+        m.mmio_bus.write(0xFEC00010, 4, 1 << 24)  # destination APIC 1
+        m.mmio_bus.write(0xFEC00000, 4, 0x10 + 2 * 5)
+        m.mmio_bus.write(0xFEC00010, 4, 0x8055)  # level, vector 0x55, unmasked
+        m.pio_bus.write(0x2005, 1, 1)
+        assert apic.pending_vector() == 0x55 and io.remote_irr(5)
+        apic.ack(0x55)
+        apic.mmio_write(REG_EOI, 4, 0)  # EOI -> bus -> I/O APIC: storm limit 1, deferred
+        assert io.deferred and apic.pending_vector() is None
+        m.timers.start()
+        deadline = time.monotonic() + 2
+        while apic.pending_vector() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        m.timers.stop()
+        assert apic.pending_vector() == 0x55 and not io.deferred
+        m.serial.irq(True)  # COM1 drives GSI 4
+        assert io.lines >> 4 & 1
+
+
+def test_kernel_irqchip_machine_routes_lines_to_kvm() -> None:
+    from kvmpy.machine import Machine, MachineConfig
+
+    with Machine(MachineConfig(cpus=1, irqchip="kernel")) as m:
+        assert m.ioapic is None
+        assert m.mmio_bus.find(0xFEC00000) is None  # KVM's own I/O APIC answers there
+        m.pio_bus.write(0x200E, 1, 1)  # KVM_IRQ_LINE: must not raise
+        m.pio_bus.write(0x200E, 1, 0)
