@@ -25,6 +25,8 @@
  *   lowest    lowest priority, logical, all CPUs, LOWEST times: LOWEST in total
  *   illegal   level, vector 5, to CPU 1: no interrupt, CPU 1's ESR has bit 6
  *             (receive illegal vector), remote IRR stays 0
+ *   pit       the 8254's channel 0 in mode 2 at 1 kHz, ISA IRQ 0 = pin 2, edge, to CPU
+ *             0: at least PIT_TICKS interrupts, then pin 2 masked ("pit: got N")
  * Output: "ioapic_irq: NAME: got C0 C1 .. expected E0 E1 .." per vectored case, then
  * "ioapic_irq: ok" and exit 0, or "ioapic_irq: FAILED (n errors)" and exit 1.
  */
@@ -35,6 +37,8 @@
 #define SETTLE_POLLS 300
 #define RETRIG 5
 #define LOWEST 4
+#define PIT_TICKS 5
+#define PIT_1KHZ 1193
 
 #define IOAPIC_BASE 0xfec00000u
 #define IOAPIC_EOI 0x40
@@ -45,7 +49,8 @@
 #define RTE_LEVEL (1u << 15)
 #define RTE_MASKED (1u << 16)
 
-enum { P_EDGE = 1, P_LEVEL, P_RETRIG, P_COALESCE, P_MASK_EDGE, P_MASK_LEVEL, P_BCAST,
+enum { P_EDGE = 3, P_LEVEL,    /* pin 2 is the PIT's (ISA IRQ 0) */
+       P_RETRIG, P_COALESCE, P_MASK_EDGE, P_MASK_LEVEL, P_BCAST,
        P_LOGICAL = 16, P_DIRECTED, P_LOWEST, P_ILLEGAL };
 
 #define V_EDGE 0x50
@@ -58,6 +63,7 @@ enum { P_EDGE = 1, P_LEVEL, P_RETRIG, P_COALESCE, P_MASK_EDGE, P_MASK_LEVEL, P_B
 #define V_LOGICAL 0x57
 #define V_DIRECTED 0x58
 #define V_LOWEST 0x59
+#define V_PIT 0x5a
 
 static volatile u32 count[MAX_CPUS][256];
 static u32 expect[MAX_CPUS][256];
@@ -245,7 +251,7 @@ int main(struct multiboot_info *mbi)
         printf("ioapic_irq: cannot enable the APIC\n");
         return 1;
     }
-    for (u32 v = V_EDGE; v <= V_LOWEST; v++)
+    for (u32 v = V_EDGE; v <= V_PIT; v++)
         apic_set_handler(v, count_edge);
     apic_set_handler(V_LEVEL, level_handler);
     apic_set_handler(V_RETRIG, level_handler);
@@ -374,6 +380,16 @@ int main(struct multiboot_info *mbi)
     if (!(esr_seen & APIC_ESR_RECV_ILLEGAL_VECTOR) || remote_irr(P_ILLEGAL))
         fail("illegal vector: esr, remote IRR", esr_seen, remote_irr(P_ILLEGAL));
     line(P_ILLEGAL, 0);
+
+    outb(0x43, 0x34);                       /* channel 0, lobyte/hibyte, mode 2 */
+    outb(0x40, PIT_1KHZ & 0xff);
+    outb(0x40, PIT_1KHZ >> 8);
+    program(2, V_PIT, smp_apic_id(0));
+    wait_total(V_PIT, PIT_TICKS);
+    program(2, RTE_MASKED | V_PIT, smp_apic_id(0));
+    settle();
+    expect[0][V_PIT] = count[0][V_PIT];     /* the rate is the host's: at least checked */
+    printf("ioapic_irq: pit: got %u expected at least %u\n", count[0][V_PIT], PIT_TICKS);
 
     settle();
     for (c = 0; c < ncpus; c++)

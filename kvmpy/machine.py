@@ -26,7 +26,7 @@ from kvmpy.boot.cpu import setup_protected_mode, setup_real_mode_sipi, write_boo
 from kvmpy.bus import Bus
 from kvmpy.cpuid import guest_cpuid
 from kvmpy.devices import DebugExit, FwCfg, Pit8254, Serial16550, SystemControlB
-from kvmpy.devices.irq import IrqRouter
+from kvmpy.devices.irq import IrqRouter, isa_gsi
 from kvmpy.devices.pc_testdev import (
     PC_TESTDEV_BASE,
     PC_TESTDEV_IRQ_BASE,
@@ -35,6 +35,7 @@ from kvmpy.devices.pc_testdev import (
     PcTestdev,
     PcTestdevIrq,
 )
+from kvmpy.devices.pit_irq import PitIrq0
 from kvmpy.errors import ImageError, KvmpyError
 from kvmpy.kvm import Kvm, VcpuFd
 from kvmpy.kvm import ioctls as k
@@ -198,21 +199,28 @@ class Machine:
     def _setup_interrupts(self) -> None:
         """GSI lines into the I/O APIC: kvmpy's (irqchip=user, at 0xFEC00000 on the MMIO
         bus, EOIs from the APIC bus) or KVM's (KVM_IRQ_LINE); pc-testdev and COM1 (GSI 4)
-        drive them."""
+        drive them, and with kvmpy's the PIT's OUT0 drives ISA IRQ 0 (GSI 2)."""
         self.ioapic: IoApic | None = None
+        self.pit_irq0: PitIrq0 | None = None
         if self.kernel_irqchip:
-            sink = self.vm.irq_line
+            self.irq = IrqRouter(self.vm.irq_line)
         else:
             self.ioapic = IoApic(self.apic_bus, defer=self._defer_ioapic)
             self._ioapic_retry = TimerCallback(self.ioapic.service_deferred)
             self.mmio_bus.register(IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, self.ioapic)
-            sink = self.ioapic.set_irq
-        self.irq = IrqRouter(sink)
+            self.irq = IrqRouter(self.ioapic.set_irq)
+            self.pit_irq0 = PitIrq0(self.pit, self.irq.line(isa_gsi(0)), self._arm_pit,
+                                    time.monotonic_ns)
+            self._pit_timer = TimerCallback(self.pit_irq0.tick)
+            self.pit.on_channel0_change = self.pit_irq0.reschedule
         self.serial.irq = self.irq.line(4).set
         self.pc_testdev = PcTestdev(self.memory.flush_page)
         self.pio_bus.register(PC_TESTDEV_BASE, PC_TESTDEV_LENGTH, self.pc_testdev)
         self.pio_bus.register(PC_TESTDEV_IRQ_BASE, PC_TESTDEV_IRQ_LINES,
                               PcTestdevIrq(self.irq))
+
+    def _arm_pit(self, deadline_ns: int) -> None:
+        self.timers.arm(self._pit_timer, deadline_ns)
 
     def _defer_ioapic(self, delay_ns: int) -> None:
         """The I/O APIC throttles a level-interrupt storm: retry after `delay_ns`."""
@@ -255,6 +263,8 @@ class Machine:
             install_kick_handler()
         self._started = True
         self.timers.start()
+        if self.pit_irq0 is not None:
+            self.pit_irq0.reschedule()  # the PIT counts from reset (mode 3, 18.2 Hz)
         for vcpu in self.vcpus:
             t = threading.Thread(target=self._vcpu_thread, args=(vcpu,),
                                  name=f"kvmpy-vcpu{vcpu.index}", daemon=True)

@@ -71,6 +71,8 @@ def test_ioapic_guest_exact_counts(mode: str) -> None:
     assert re.search(r"^ioapic_irq: illegal: esr (\w+) remote IRR 0$", out, re.M), out
     esr = int(re.search(r"illegal: esr (\w+)", out).group(1), 16)
     assert esr & 0x40, out  # receive illegal vector (SDM 10.5.3)
+    m = re.search(r"^ioapic_irq: pit: got (\d+) expected at least 5$", out, re.M)
+    assert m and int(m.group(1)) >= 5, out  # PIT channel 0 -> ISA IRQ 0 -> pin 2
     assert out.rstrip().endswith("ioapic_irq: ok"), out
 
 
