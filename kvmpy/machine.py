@@ -20,16 +20,27 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from kvmpy.apic import ApicBus, LocalApic
+from kvmpy.apic.ioapic import IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, IoApic
 from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
 from kvmpy.boot.cpu import setup_protected_mode, setup_real_mode_sipi, write_boot_gdt
 from kvmpy.bus import Bus
 from kvmpy.cpuid import guest_cpuid
 from kvmpy.devices import DebugExit, FwCfg, Pit8254, Serial16550, SystemControlB
+from kvmpy.devices.irq import IrqRouter, isa_gsi
+from kvmpy.devices.pc_testdev import (
+    PC_TESTDEV_BASE,
+    PC_TESTDEV_IRQ_BASE,
+    PC_TESTDEV_IRQ_LINES,
+    PC_TESTDEV_LENGTH,
+    PcTestdev,
+    PcTestdevIrq,
+)
+from kvmpy.devices.pit_irq import PitIrq0
 from kvmpy.errors import ImageError, KvmpyError
 from kvmpy.kvm import Kvm, VcpuFd
 from kvmpy.kvm import ioctls as k
 from kvmpy.memory import GuestMemory
-from kvmpy.timers import TimerService
+from kvmpy.timers import TimerCallback, TimerService
 from kvmpy.trace import ExitStats
 from kvmpy.vcpu import (
     HALT_POLL_NS_DEFAULT,
@@ -163,6 +174,7 @@ class Machine:
                 vcpu = Vcpu(self, i, fd, apic, fastpath=config.fastpath and apic is not None,
                             stats=ExitStats(config.record_time))
                 self.vcpus.append(vcpu)
+            self._setup_interrupts()
         except BaseException:
             self.close()
             raise
@@ -207,6 +219,36 @@ class Machine:
         self.pio_bus.register(0x40, 4, self.pit)
         self.pio_bus.register(0x61, 1, self.port61)
 
+    def _setup_interrupts(self) -> None:
+        """GSI lines into the I/O APIC: kvmpy's (irqchip=user, at 0xFEC00000 on the MMIO
+        bus, EOIs from the APIC bus) or KVM's (KVM_IRQ_LINE); pc-testdev and COM1 (GSI 4)
+        drive them, and with kvmpy's the PIT's OUT0 drives ISA IRQ 0 (GSI 2)."""
+        self.ioapic: IoApic | None = None
+        self.pit_irq0: PitIrq0 | None = None
+        if self.kernel_irqchip:
+            self.irq = IrqRouter(self.vm.irq_line)
+        else:
+            self.ioapic = IoApic(self.apic_bus, defer=self._defer_ioapic)
+            self._ioapic_retry = TimerCallback(self.ioapic.service_deferred)
+            self.mmio_bus.register(IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, self.ioapic)
+            self.irq = IrqRouter(self.ioapic.set_irq)
+            self.pit_irq0 = PitIrq0(self.pit, self.irq.line(isa_gsi(0)), self._arm_pit,
+                                    time.monotonic_ns)
+            self._pit_timer = TimerCallback(self.pit_irq0.tick)
+            self.pit.on_channel0_change = self.pit_irq0.reschedule
+        self.serial.irq = self.irq.line(4).set
+        self.pc_testdev = PcTestdev(self.memory.flush_page)
+        self.pio_bus.register(PC_TESTDEV_BASE, PC_TESTDEV_LENGTH, self.pc_testdev)
+        self.pio_bus.register(PC_TESTDEV_IRQ_BASE, PC_TESTDEV_IRQ_LINES,
+                              PcTestdevIrq(self.irq))
+
+    def _arm_pit(self, deadline_ns: int) -> None:
+        self.timers.arm(self._pit_timer, deadline_ns)
+
+    def _defer_ioapic(self, delay_ns: int) -> None:
+        """The I/O APIC throttles a level-interrupt storm: retry after `delay_ns`."""
+        self.timers.arm(self._ioapic_retry, time.monotonic_ns() + delay_ns)
+
     # ---------------------------------------------------------------- loading
 
     def load(self, image: bytes, *, flat: bool = False, name: str | None = None) -> BootInfo:
@@ -246,6 +288,8 @@ class Machine:
                 self.tracer.install_signal_probe(KICK_SIGNAL)
         self._started = True
         self.timers.start()
+        if self.pit_irq0 is not None:
+            self.pit_irq0.reschedule()  # the PIT counts from reset (mode 3, 18.2 Hz)
         for vcpu in self.vcpus:
             t = threading.Thread(target=self._vcpu_thread, args=(vcpu,),
                                  name=f"kvmpy-vcpu{vcpu.index}", daemon=True)
@@ -407,6 +451,8 @@ class Machine:
             return False
         if time.monotonic() - self._blocked_since < HUNG_GRACE_S:
             return False
+        if self.ioapic is not None and self.ioapic.deferred:
+            return False  # a storm-delayed level interrupt is on its way
         for vcpu in self.vcpus:
             if vcpu.apic is None:
                 return False  # in-kernel irqchip: HLT never reaches kvmpy

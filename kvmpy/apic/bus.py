@@ -18,6 +18,10 @@ Choices where the SDM leaves room (each documented in the function that makes it
   lowest priority, as in KVM;
 - globally disabled APICs (IA32_APIC_BASE.EN=0) are not on the bus: they match no
   destination.
+
+The bus also carries I/O APIC messages (``deliver_irq``, KVM's kvm_irq_delivery_to_apic
+with no source APIC) and the local APICs' EOI broadcasts for level-triggered vectors
+back to the I/O APICs (``broadcast_eoi`` -> ``eoi_listeners``, SDM 10.8.5).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .constants import (
     DM_NMI,
     DM_RESERVED3,
     DM_SIPI,
+    DM_SMI,
     ESR_SEND_ILLEGAL_VECTOR,
     ICR_DEST_LOGICAL,
     ICR_DM_MASK,
@@ -67,6 +72,9 @@ class ApicBus:
         self.apics: list[LocalApic] = []
         # kvmpy.tracing.Tracer, or None: told of each IPI before it is published.
         self.tracer: Tracer | None = None
+        # Called with the vector of every EOI of a level-triggered interrupt (the I/O
+        # APICs' EOI input); runs on the EOI-ing vCPU's thread.
+        self.eoi_listeners: list[Callable[[int], None]] = []
 
     def add(self, apic: LocalApic) -> None:
         """Attach ``apic``; its ``index`` becomes its position in ``apics``."""
@@ -78,6 +86,14 @@ class ApicBus:
             raise ValueError(f"duplicate APIC ID {apic.apic_id}")
         apic.index = len(self.apics)
         self.apics.append(apic)
+        if apic.on_level_eoi is None:
+            apic.on_level_eoi = self.broadcast_eoi
+
+    def broadcast_eoi(self, vector: int) -> None:
+        """A local APIC EOI'd level-triggered ``vector``: tell every I/O APIC (SDM 10.8.5;
+        the version register offers no EOI-broadcast suppression)."""
+        for listener in self.eoi_listeners:
+            listener(vector)
 
     # ------------------------------------------------------------------ routing
     def send_ipi(self, source: LocalApic, icr_low: int, dest: int) -> None:
@@ -199,3 +215,51 @@ class ApicBus:
         else:
             target.accept_smi()
         self.notify(target.index)
+
+    # ------------------------------------------------------------------ I/O APIC messages
+    def deliver_irq(self, vector: int, dm: int, dest: int, logical: bool, level: bool) -> int:
+        """Deliver an I/O APIC message (KVM's kvm_irq_delivery_to_apic with no source):
+        delivery mode ``dm`` (fixed, lowest priority, SMI, NMI or INIT; the caller drops
+        the others), 8-bit destination ``dest`` in physical or ``logical`` mode, trigger
+        ``level`` (sets the TMR bit of a fixed/lowest vector, SDM 10.8.4).
+
+        Matching is per target as for IPIs, except that 0xFF addresses every APIC, x2APIC
+        ones too (KVM's kvm_apic_mda). Lowest priority arbitrates among the matching
+        APICs as ``_lowest_priority``. Returns how many APICs accepted the message: a
+        fixed/lowest vector refused (APIC software-disabled, or vector 0-15, which logs
+        ESR bit 6 as any received illegal vector) does not count."""
+        broadcast = dest == 0xFF
+        if dm == DM_LOWEST:
+            if broadcast or logical:
+                target = self._lowest_priority(vector, dest, broadcast, None)
+            else:
+                target = self._physical_target(dest)
+            if target is None:
+                return 0
+            return self._accept_irq(target, DM_FIXED, vector, level)
+        accepted = 0
+        for target in self.apics:
+            if target.mode is _DISABLED:
+                continue
+            if broadcast or (match_logical(target, dest) if logical
+                             else match_physical(target, dest)):
+                accepted += self._accept_irq(target, dm, vector, level)
+        return accepted
+
+    def _accept_irq(self, target: LocalApic, dm: int, vector: int, level: bool) -> int:
+        """Publish one I/O APIC message in ``target``, notify it; 1 if accepted."""
+        if dm == DM_FIXED or dm == DM_LOWEST:
+            if target.accept_fixed(vector, level):
+                self.notify(target.index)
+                return 1 if vector >= 16 else 0  # else only the LVT error interrupt
+            return 0
+        if dm == DM_NMI:
+            target.accept_nmi()
+        elif dm == DM_INIT:
+            target.accept_init()
+        elif dm == DM_SMI:
+            target.accept_smi()
+        else:
+            return 0
+        self.notify(target.index)
+        return 1
