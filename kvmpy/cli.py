@@ -317,8 +317,8 @@ def _cmd_breakdown(args: argparse.Namespace) -> int:
     result = run_breakdown(args.configs, n=args.n, rounds=args.rounds, use_perf=args.perf)
     if args.json:
         print(json.dumps({"backend": result.backend, "perf": result.perf, "configs": {
-            name: {"round_trips": cb.round_trips, "skipped": cb.skipped,
-                   "failures": cb.failures, "round_trips_ns": cb.trips,
+            name: {"round_trips": cb.round_trips, "failures": cb.failures,
+                   "round_trips_ns": cb.cases,
                    "guest_round_trip_ns": cb.guest_rt_ns}
             for name, cb in result.configs.items()}}))
     else:

@@ -10,6 +10,8 @@ Target vCPU thread (`Vcpu.run_loop`, `_inject_pending_events`, `run`,
 `_block_until_runnable`), with KVM's side of KVM_RUN (kvm_arch_vcpu_ioctl_run):
 
     loop_top      if self.state is not VcpuState.RUNNABLE: -> block_clear
+    top_clear_ie  self.view.u8[kr.IMMEDIATE_EXIT] = 0   (a kick that came while the vCPU
+                  was out of KVM_RUN: its request is picked up below, so the flag is stale)
     clear_request self.request_event = False
     inject_read   vector = apic.pending_vector()        (IRR, above PPR)
     inject_ack    if READY_FOR_INJECTION and IF_FLAG: apic.ack(vector);
@@ -48,7 +50,9 @@ Sender thread (`ApicBus._deliver` -> `LocalApic.accept_fixed` -> `notify` ->
                   watches request_event). A sender that is a vCPU thread posts the
                   signal or wake and sends it at its own next entry
                   (`send_posted_kicks`): a later step of the same sender, which the
-                  search already places anywhere after read_mode.
+                  search already places anywhere after read_mode. A posted signal is
+                  dropped if the target is no longer IN_GUEST by then (it left KVM_RUN
+                  after the request was published, so its loop top sees the request).
 
 The guest is always interruptible (IF=1, TPR 0) and each sender sends one fixed IPI.
 KVM writes `ready_for_interrupt_injection` (queued slot empty) on every return from
@@ -96,6 +100,9 @@ class Config:
     mode_in_guest_before_recheck: bool = True
     recheck: bool = True
     clear_immediate_exit: bool = True
+    # where a stale immediate_exit is cleared before entry: "top" (the loop top, before
+    # request_event is cleared), "late" (after the re-check: a mutation), or "never"
+    stale_ie_clear: str = "top"
     check_before_wait: bool = True
     halt_polling: bool = True  # explore halts that poll first (and ones that do not)
     poll_clear_before_check: bool = True
@@ -106,6 +113,7 @@ class Config:
     read_mode_after_publish: bool = True
     write_immediate_exit: bool = True
     send_signal: bool = True
+    signal_only_if_in_guest: bool = True  # the posted signal re-reads the mode
     wake_blocked: bool = True
 
 
@@ -134,6 +142,9 @@ def target_program(cfg: Config) -> list[Step]:
 
     def loop_top(s: State):
         return None if s["vstate"] == RUNNABLE else "block_clear"
+
+    def top_clear_ie(s: State):
+        s["immediate_exit"] = 0
 
     def clear_request(s: State):
         s["request_event"] = False
@@ -169,6 +180,8 @@ def target_program(cfg: Config) -> list[Step]:
         return "loop_top"
 
     def syscall(s: State):
+        if cfg.stale_ie_clear == "late":
+            s["immediate_exit"] = 0  # the mutation: cleared after the re-check
         s["in_kernel"] = True
 
     def kvm_entry(s: State):
@@ -304,6 +317,9 @@ def target_program(cfg: Config) -> list[Step]:
     publish = Step("in_guest", (run_loop, "self.mode = VcpuMode.IN_GUEST"), in_guest)
     check = Step("recheck", (run_loop, "if self.request_event or machine.stopping"), recheck)
     steps = [Step("loop_top", (run_loop, "if self.state is not VcpuState.RUNNABLE:"), loop_top)]
+    if cfg.stale_ie_clear == "top":
+        steps.append(Step("top_clear_ie", (run_loop, "u8[kr.IMMEDIATE_EXIT] = 0"),
+                          top_clear_ie))
     steps += [clear, *reads] if cfg.clear_request_before_inject else [*reads, clear]
     if not cfg.recheck:
         steps += [publish, Step("recheck", None, lambda s: "syscall")]
@@ -368,6 +384,8 @@ def sender_program(cfg: Config, me: str, vector: int) -> list[Step]:
             s["immediate_exit"] = 1
 
     def send_signal(s: State):
+        if cfg.signal_only_if_in_guest and s["mode"] != IN_GUEST:
+            return "done"  # it left KVM_RUN since: its loop top sees the request
         if cfg.send_signal and s["in_kernel"]:
             s["signal"] = True  # otherwise the handler runs in userspace: no effect
         return "done"
@@ -390,7 +408,7 @@ def sender_program(cfg: Config, me: str, vector: int) -> list[Step]:
         *first,
         Step("act", (kick, "if mode == VcpuMode.IN_GUEST:"), act),
         Step("write_ie", (kick, "self.view.u8[kr.IMMEDIATE_EXIT] = 1"), write_ie),
-        Step("signal", (f"{V}.signal_kick", "signal.pthread_kill(self.thread_ident, KICK_SIGNAL)"),
+        Step("signal", (f"{V}.send_posted_kicks", "if target.mode == VcpuMode.IN_GUEST:"),
              send_signal),
         Step("wake", (kick, "self.wake.set()"), wake),
         Step("done", None, done),

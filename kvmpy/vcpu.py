@@ -208,11 +208,16 @@ class Vcpu:
         clock = time.perf_counter_ns
         exit_lock = machine.exit_lock
         tr = self.tracer
+        u8 = self.view.u8
         try:
             while not machine.stopping:
                 if self.state is not VcpuState.RUNNABLE:
                     self._block_until_runnable()
                     continue
+                # A kick that came while this vCPU was out of KVM_RUN (it exited on its
+                # own, e.g. HLT): the request it carried is picked up below, and a set
+                # immediate_exit would only cost an empty KVM_RUN round trip.
+                u8[kr.IMMEDIATE_EXIT] = 0
                 self.request_event = False
                 self._inject_pending_events()
                 # Publish IN_GUEST, then re-check requests (see the module docstring).
@@ -497,7 +502,10 @@ class Vcpu:
         wakes.clear()
         signals = self._posted_signals
         for target in signals:
-            target.signal_kick()
+            # Gone out of KVM_RUN since the kick (on an exit of its own)? Then its loop
+            # top sees the request, and the signal would only cost it an empty exit.
+            if target.mode == VcpuMode.IN_GUEST:
+                target.signal_kick()
         signals.clear()
 
     def wake_up(self) -> None:

@@ -60,7 +60,7 @@ MSR_EOI = 0x80B
 SENDER, TARGET = 0, 1
 
 KVMPY_HOPS = ("icr exit", "wake: futex", "wake: scheduler", "wake: to Python", "wake",
-              "unblock", "inject+entry", "guest handler", "sender resumes")
+              "unblock", "target busy", "inject+entry", "guest handler", "sender resumes")
 KVMPY_OFF_PATH = ("eoi exit", "guest iret+hlt", "hlt exit to sleep", "sender exit rest")
 KERNEL_HOPS = ("icr -> accept", "accept -> wakeup", "wake: scheduler", "halt exit",
                "guest handler", "sender resumes")
@@ -71,8 +71,9 @@ HOP_HELP = {
     "wake: to Python": "sched_switch -> wait() returns (syscall return, GIL)",
     "wake": "kick -> wait() returns (no perf: not split)",
     "unblock": "leave the halt, loop top -> KVM_INTERRUPT",
+    "target busy": "awake target: kick -> KVM_INTERRUPT (HLT exit or signal first)",
     "inject+entry": "KVM_INTERRUPT ioctl -> KVM_RUN",
-    "guest handler": "guest: delivery + handler until the EOI",
+    "guest handler": "guest: delivery + handler until the EOI exit",
     "sender resumes": "sender sees ipi_done -> next ICR",
     "icr -> accept": "kvm_apic_ipi -> kvm_apic_accept_irq",
     "accept -> wakeup": "accept -> sched_wakeup (kvm_vcpu_kick)",
@@ -181,9 +182,11 @@ def _is_icr_exit(r: Rec) -> bool:
 
 def kvmpy_round_trips(sender: list[Rec], target: list[Rec],
                       perf: list[PerfEvent] | None = None,
-                      target_tid: int = 0) -> tuple[list[dict[str, int]], int]:
-    """Cut the rings into round trips to a halted target. Returns (hops per round trip,
-    number of round trips skipped because the target was not asleep when the IPI came)."""
+                      target_tid: int = 0) -> tuple[list[dict[str, int]], list[dict[str, int]]]:
+    """Cut the rings into round trips. Returns (round trips to a halted target, round
+    trips to a target still awake when the IPI came: in its HLT exit, or in the guest
+    on its way to HLT, kicked by a signal). Incomplete ones at the ring's ends are
+    dropped."""
     wakes: list[int] = []
     switches: list[int] = []
     if perf is not None:
@@ -192,62 +195,59 @@ def kvmpy_round_trips(sender: list[Rec], target: list[Rec],
         switches = [e.t for e in perf if e.name == "sched:sched_switch"
                     and f"next_pid={target_tid} " in e.args + " "]
     icr = [i for i, r in enumerate(sender) if _is_icr_exit(r)]
-    out: list[dict[str, int]] = []
-    skipped = 0
+    asleep: list[dict[str, int]] = []
+    awake: list[dict[str, int]] = []
     ti = 0
     for a, b in zip(icr, icr[1:], strict=False):
         t_icr, t_next = sender[a][0], sender[b][0]
         kick = _first(sender, a, lambda r: r[1] in (tr.KICK, tr.ENTER))
         if kick < 0 or sender[kick][1] != tr.KICK or sender[kick][2] != TARGET:
-            skipped += 1
             continue
-        if sender[kick][3] != tr.KICK_WAKE:
-            skipped += 1  # the target was not asleep: not the halted shape
-            continue
-        t_kick = sender[kick][0]
+        t_kick, how = sender[kick][0], sender[kick][3]
         s_enter = _first(sender, kick, lambda r: r[1] == tr.ENTER)
         ti = _first(target, ti, lambda r, t=t_kick: r[0] >= t)
         if ti < 0:
             break
-        woke = _first(target, ti, lambda r: r[1] == tr.WOKE)
         inject = _first(target, ti, lambda r: r[1] == tr.INJECT and r[2] == VEC_CALL)
-        if woke < 0 or inject < 0 or woke > inject:
-            skipped += 1
+        enter = _first(target, inject, lambda r: r[1] == tr.ENTER) if inject >= 0 else -1
+        # the EOI exit (an empty exit on a late kick may come first: it counts as guest)
+        eoi_exit = _first(target, enter, lambda r: r[1] == tr.EXIT and (
+            r[2] != k.KVM_EXIT_INTR)) if enter >= 0 else -1
+        if eoi_exit < 0 or target[eoi_exit][3] != MSR_EOI or target[eoi_exit][0] > t_next:
             continue
-        enter = _first(target, inject, lambda r: r[1] == tr.ENTER)
-        eoi_exit = _first(target, enter, lambda r: r[1] == tr.EXIT)
-        if enter < 0 or eoi_exit < 0 or target[eoi_exit][3] != MSR_EOI:
-            skipped += 1
-            continue
-        eoi_enter = _first(target, eoi_exit, lambda r: r[1] == tr.ENTER)
-        hlt_exit = _first(target, eoi_enter, lambda r: r[1] == tr.EXIT) if eoi_enter >= 0 else -1
-        block = _first(target, hlt_exit, lambda r: r[1] == tr.BLOCK) if hlt_exit >= 0 else -1
-        t_woke, t_inject = target[woke][0], target[inject][0]
-        t_enter, t_eoi = target[enter][0], target[eoi_exit][0]
-        if t_eoi > t_next:
-            skipped += 1
-            continue
+        t_inject, t_enter, t_eoi = target[inject][0], target[enter][0], target[eoi_exit][0]
         hops = {"icr exit": t_kick - t_icr}
-        w = _between(wakes, t_kick, t_woke)
-        s = _between(switches, w, t_woke) if w is not None else None
-        if w is not None and s is not None:
-            hops.update({"wake: futex": w - t_kick, "wake: scheduler": s - w,
-                         "wake: to Python": t_woke - s})
+        if how == tr.KICK_WAKE:
+            woke = _first(target, ti, lambda r: r[1] == tr.WOKE)
+            if woke < 0 or woke > inject:
+                continue
+            t_woke = target[woke][0]
+            w = _between(wakes, t_kick, t_woke)
+            s = _between(switches, w, t_woke) if w is not None else None
+            if w is not None and s is not None:
+                hops.update({"wake: futex": w - t_kick, "wake: scheduler": s - w,
+                             "wake: to Python": t_woke - s})
+            else:
+                hops["wake"] = t_woke - t_kick
+            hops["unblock"] = t_inject - t_woke
         else:
-            hops["wake"] = t_woke - t_kick
-        hops.update({"unblock": t_inject - t_woke, "inject+entry": t_enter - t_inject,
-                     "guest handler": t_eoi - t_enter, "sender resumes": t_next - t_eoi})
+            hops["target busy"] = t_inject - t_kick
+        hops.update({"inject+entry": t_enter - t_inject, "guest handler": t_eoi - t_enter,
+                     "sender resumes": t_next - t_eoi})
+        eoi_enter = _first(target, eoi_exit, lambda r: r[1] == tr.ENTER)
         if eoi_enter >= 0:
             hops["eoi exit"] = target[eoi_enter][0] - t_eoi
+            hlt_exit = _first(target, eoi_enter, lambda r: r[1] == tr.EXIT)
             if hlt_exit >= 0 and target[hlt_exit][2] == k.KVM_EXIT_HLT:
                 hops["guest iret+hlt"] = target[hlt_exit][0] - target[eoi_enter][0]
-                if block >= 0:
+                block = _first(target, hlt_exit, lambda r: r[1] in (tr.BLOCK, tr.ENTER))
+                if block >= 0 and target[block][1] == tr.BLOCK:
                     hops["hlt exit to sleep"] = target[block][0] - target[hlt_exit][0]
         if s_enter >= 0:
             hops["sender exit rest"] = sender[s_enter][0] - t_kick
         hops["round trip"] = t_next - t_icr
-        out.append(hops)
-    return out, skipped
+        (asleep if how == tr.KICK_WAKE else awake).append(hops)
+    return asleep, awake
 
 
 def _between(times: list[int], lo: int, hi: int) -> int | None:
@@ -261,16 +261,16 @@ def _between(times: list[int], lo: int, hi: int) -> int | None:
 
 
 def kernel_round_trips(perf: list[PerfEvent], sender_tid: int,
-                       target_tid: int) -> tuple[list[dict[str, int]], int]:
+                       target_tid: int) -> tuple[list[dict[str, int]], list[dict[str, int]]]:
     """Round trips of the in-kernel irqchip from KVM's and the scheduler's tracepoints.
-    Returns (hops per round trip, round trips KVM's halt polling caught: no scheduler
-    hops in them, counted but kept)."""
+    Returns (round trips where the target slept, round trips KVM's halt polling caught:
+    no scheduler hops in them)."""
     vec = f"vec {VEC_CALL} "
     ev = [e for e in perf if e.tid in (sender_tid, target_tid) or e.name == "sched:sched_switch"]
     ipis = [i for i, e in enumerate(ev) if e.name == "kvm:kvm_apic_ipi" and e.tid == sender_tid
             and vec in e.args + " "]
-    out: list[dict[str, int]] = []
-    polled = 0
+    slept: list[dict[str, int]] = []
+    polled: list[dict[str, int]] = []
     for a, b in zip(ipis, ipis[1:], strict=False):
         t_ipi, t_next = ev[a].t, ev[b].t
         seg = ev[a:b]
@@ -286,43 +286,54 @@ def kernel_round_trips(perf: list[PerfEvent], sender_tid: int,
         if acc is None or vw is None or eoi is None or not t_ipi <= acc <= vw <= eoi:
             continue
         hops = {"icr -> accept": acc - t_ipi}
-        if wake is not None and sw is not None and acc <= wake <= sw <= vw:
+        slept_here = wake is not None and sw is not None and acc <= wake <= sw <= vw
+        if slept_here:
             hops.update({"accept -> wakeup": wake - acc, "wake: scheduler": sw - wake,
                          "halt exit": vw - sw})
         else:
-            polled += 1
-            hops.update({"accept -> wakeup": 0, "wake: scheduler": 0, "halt exit": vw - acc})
+            hops["halt exit"] = vw - acc
         hops.update({"guest handler": eoi - vw, "sender resumes": t_next - eoi,
                      "round trip": t_next - t_ipi})
-        out.append(hops)
-    return out, polled
+        (slept if slept_here else polled).append(hops)
+    return slept, polled
 
 
 # ---------------------------------------------------------------------- running
 
 
+# The classes of round trips, by what the target was doing when the IPI came.
+HALTED = "halted target"  # kvmpy: asleep on its wake token
+AWAKE = "awake target"  # kvmpy: still in its HLT exit, or in the guest on its way to HLT
+SLEPT = "halted target"  # kernel: asleep in kvm_vcpu_halt
+POLLED = "caught by halt polling"  # kernel: KVM's halt polling saw the IPI
+
+
 @dataclass
 class ConfigBreakdown:
-    """Hops of every round trip of one configuration, pooled over its runs (ns)."""
+    """Round trips of one configuration by class, pooled over its runs (ns per hop)."""
 
     config: str
-    hops: dict[str, list[int]] = field(default_factory=dict)  # hop -> ns, pooled
-    trips: list[dict[str, int]] = field(default_factory=list)  # hop -> ns, per round trip
-    round_trips: int = 0
-    skipped: int = 0  # kvmpy: target not asleep; kernel: caught by halt polling
+    cases: dict[str, list[dict[str, int]]] = field(default_factory=dict)
     guest_rt_ns: list[float] = field(default_factory=list)  # the guest's own samples
     failures: list[str] = field(default_factory=list)
 
-    def add(self, trips: Iterable[dict[str, int]]) -> None:
-        for trip in trips:
-            self.round_trips += 1
-            self.trips.append(trip)
-            for hop, ns in trip.items():
-                self.hops.setdefault(hop, []).append(ns)
+    def add(self, case: str, trips: Iterable[dict[str, int]]) -> None:
+        self.cases.setdefault(case, []).extend(trips)
 
-    def order(self) -> list[str]:
+    @property
+    def round_trips(self) -> int:
+        return sum(len(t) for t in self.cases.values())
+
+    def hops(self, case: str) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for trip in self.cases.get(case, []):
+            for hop, ns in trip.items():
+                out.setdefault(hop, []).append(ns)
+        return out
+
+    def order(self, hops: dict[str, list[int]]) -> list[str]:
         names = KERNEL_HOPS if self.config == "kernel" else KVMPY_HOPS + KVMPY_OFF_PATH
-        return [h for h in names if h in self.hops]
+        return [h for h in names if h in hops]
 
 
 @dataclass
@@ -381,14 +392,16 @@ def _run_one(cfg: str, n: int, image: bytes, perf: bool, out: ConfigBreakdown) -
         tids = [v.thread.native_id if v.thread is not None else 0 for v in machine.vcpus]
         events = rec.events if rec is not None else None
         if cfg == "kernel":
-            trips, skipped = kernel_round_trips(events or [], tids[SENDER], tids[TARGET])
+            slept, polled = kernel_round_trips(events or [], tids[SENDER], tids[TARGET])
+            out.add(SLEPT, slept)
+            out.add(POLLED, polled)
         else:
             assert tracer is not None
-            trips, skipped = kvmpy_round_trips(
+            asleep, awake = kvmpy_round_trips(
                 tracer.vcpu_rings[SENDER].records(), tracer.vcpu_rings[TARGET].records(),
                 events, tids[TARGET])
-        out.add(trips)
-        out.skipped += skipped
+            out.add(HALTED, asleep)
+            out.add(AWAKE, awake)
 
 
 # ---------------------------------------------------------------------- report
@@ -407,68 +420,75 @@ def print_breakdown(result: BreakdownResult, file: object = None) -> None:
     for cb in result.configs.values():
         for f in cb.failures:
             console.print(f"[red]{f}[/red]")
-        if not cb.round_trips:
-            continue
-        rt = cb.hops["round trip"]
-        mean_rt = statistics.fmean(rt)
-        table = Table(title=f"{cb.config}: one round trip to a halted vCPU, "
-                      f"{cb.round_trips} round trips ({result.backend})")
-        for col, j in (("hop", "left"), ("what", "left"), ("p50 us", "right"),
-                       ("p99 us", "right"), ("mean us", "right"), ("share of mean", "right")):
-            table.add_column(col, justify=j)
-        for hop in cb.order():
-            vals = cb.hops[hop]
-            mean = statistics.fmean(vals)
-            off = hop in KVMPY_OFF_PATH
-            table.add_row(hop, HOP_HELP.get(hop, ""), f"{_pct(vals, 50) / 1e3:.1f}",
-                          f"{_pct(vals, 99) / 1e3:.1f}", f"{mean / 1e3:.1f}",
-                          "(overlapped)" if off else f"{100 * mean / mean_rt:.0f}%")
-        table.add_row("round trip", "host clock, ICR exit to next ICR exit",
-                      f"{_pct(rt, 50) / 1e3:.1f}", f"{_pct(rt, 99) / 1e3:.1f}",
-                      f"{mean_rt / 1e3:.1f}", "100%")
+        total = cb.round_trips
+        for case, trips in cb.cases.items():
+            if not trips:
+                continue
+            hops = cb.hops(case)
+            rt = hops["round trip"]
+            mean_rt = statistics.fmean(rt)
+            table = Table(title=f"{cb.config}, round trips to a {case.split()[0]} vCPU"
+                          if case != POLLED else f"{cb.config}, round trips {case}",
+                          caption=f"{len(trips)} of {total} round trips ({result.backend})")
+            for col, j in (("hop", "left"), ("what", "left"), ("p50 us", "right"),
+                           ("p99 us", "right"), ("mean us", "right"),
+                           ("share of mean", "right")):
+                table.add_column(col, justify=j)
+            for hop in cb.order(hops):
+                vals = hops[hop]
+                mean = statistics.fmean(vals)
+                off = hop in KVMPY_OFF_PATH
+                table.add_row(hop, HOP_HELP.get(hop, ""), f"{_pct(vals, 50) / 1e3:.1f}",
+                              f"{_pct(vals, 99) / 1e3:.1f}", f"{mean / 1e3:.1f}",
+                              "(overlapped)" if off else f"{100 * mean / mean_rt:.0f}%")
+            table.add_row("round trip", "host clock, ICR to the next ICR",
+                          f"{_pct(rt, 50) / 1e3:.1f}", f"{_pct(rt, 99) / 1e3:.1f}",
+                          f"{mean_rt / 1e3:.1f}", "100%")
+            console.print(table)
         if cb.guest_rt_ns:
             g = cb.guest_rt_ns
-            table.add_row("guest's own", "vmexit_ipi_halt samples, guest TSC",
-                          f"{statistics.median(g) / 1e3:.1f}", f"{_pct(g, 99) / 1e3:.1f}",
-                          f"{statistics.fmean(g) / 1e3:.1f}", "")
-        console.print(table)
-        note = ("not asleep when the IPI came (left out)" if cb.config != "kernel"
-                else "caught by KVM's halt polling (no scheduler hops)")
-        console.print(f"  {cb.skipped} round trips {note}")
+            console.print(f"  {cb.config}: the guest's own vmexit_ipi_halt round trip "
+                          f"(TSC): p50 {statistics.median(g) / 1e3:.1f} us, p99 "
+                          f"{_pct(g, 99) / 1e3:.1f} us, mean {statistics.fmean(g) / 1e3:.1f} us")
     if result.perf:
         console.print(f"perf: {result.perf}")
 
 
 def plot_breakdown(result: BreakdownResult, path: str) -> None:
-    """One stacked bar per configuration: the mean of each critical-path hop (means add
-    up to the mean round trip; the table gives p50/p99)."""
+    """One stacked bar per configuration and class of round trip: the mean of each
+    critical-path hop (the means add up to the mean round trip; the table gives p50
+    and p99)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [cb for cb in result.configs.values() if cb.round_trips]
-    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.9 * max(1, len(rows))))
+    rows = [(cb, case, cb.hops(case)) for cb in result.configs.values()
+            for case, trips in cb.cases.items() if trips]
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.6 * max(1, len(rows))))
     cmap = plt.get_cmap("tab20")
-    names = list(dict.fromkeys(h for cb in rows for h in cb.order() if h not in KVMPY_OFF_PATH))
+    names = list(dict.fromkeys(h for cb, _, hops in rows for h in cb.order(hops)
+                               if h not in KVMPY_OFF_PATH and h != "round trip"))
     colors = {h: cmap(i % 20) for i, h in enumerate(names)}
-    for y, cb in enumerate(rows):
+    for y, (cb, _case, hops) in enumerate(rows):
         left = 0.0
-        for hop in cb.order():
-            if hop in KVMPY_OFF_PATH:
+        for hop in cb.order(hops):
+            if hop in KVMPY_OFF_PATH or hop == "round trip":
                 continue
-            w = statistics.fmean(cb.hops[hop]) / 1e3
-            ax.barh(y, w, left=left, color=colors[hop], edgecolor="white",
-                    label=hop if y == rows.index(cb) else None)
-            if w > 6:
+            w = sum(hops[hop]) / len(hops["round trip"]) / 1e3
+            ax.barh(y, w, left=left, color=colors[hop], edgecolor="white")
+            if w > 8:
                 ax.text(left + w / 2, y, f"{w:.0f}", ha="center", va="center", fontsize=7)
             left += w
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[h]) for h in names]
-    ax.legend(handles, names, fontsize=7, ncol=4, loc="upper center",
-              bbox_to_anchor=(0.5, -0.25))
-    ax.set_yticks(range(len(rows)), [cb.config for cb in rows])
+    ax.legend(handles, names, fontsize=7, ncol=5, loc="upper center",
+              bbox_to_anchor=(0.5, -0.35))
+    ax.set_yticks(range(len(rows)),
+                  [f"{cb.config}\n{case} ({len(cb.cases[case])})" for cb, case, _ in rows],
+                  fontsize=8)
+    ax.invert_yaxis()
     ax.set_xlabel("mean time per round trip (us), critical path")
-    ax.set_title(f"vmexit ipi_halt round trip, hop by hop ({result.backend})")
+    ax.set_title(f"vmexit-shaped IPI round trip, hop by hop ({result.backend})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
