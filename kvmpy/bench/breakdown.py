@@ -427,21 +427,26 @@ def print_breakdown(result: BreakdownResult, file: object = None) -> None:
             hops = cb.hops(case)
             rt = hops["round trip"]
             mean_rt = statistics.fmean(rt)
-            table = Table(title=f"{cb.config}, round trips to a {case.split()[0]} vCPU"
-                          if case != POLLED else f"{cb.config}, round trips {case}",
+            title = (f"{cb.config}, round trips {case}" if case == POLLED else
+                     f"{cb.config}, round trips to an {case}" if case == AWAKE else
+                     f"{cb.config}, round trips to a {case}")
+            table = Table(title=title,
                           caption=f"{len(trips)} of {total} round trips ({result.backend})")
-            for col, j in (("hop", "left"), ("what", "left"), ("p50 us", "right"),
-                           ("p99 us", "right"), ("mean us", "right"),
-                           ("share of mean", "right")):
+            for col, j in (("hop", "left"), ("what", "left"), ("n", "right"),
+                           ("p50 us", "right"), ("p99 us", "right"), ("mean us", "right"),
+                           ("share", "right")):
                 table.add_column(col, justify=j)
+            total_rt = sum(rt)
             for hop in cb.order(hops):
                 vals = hops[hop]
-                mean = statistics.fmean(vals)
                 off = hop in KVMPY_OFF_PATH
-                table.add_row(hop, HOP_HELP.get(hop, ""), f"{_pct(vals, 50) / 1e3:.1f}",
-                              f"{_pct(vals, 99) / 1e3:.1f}", f"{mean / 1e3:.1f}",
-                              "(overlapped)" if off else f"{100 * mean / mean_rt:.0f}%")
-            table.add_row("round trip", "host clock, ICR to the next ICR",
+                # share of all the round trips' time (a hop some round trips split
+                # further, as the wake with perf, shows as both rows)
+                share = "(overlapped)" if off else f"{100 * sum(vals) / total_rt:.0f}%"
+                table.add_row(hop, HOP_HELP.get(hop, ""), str(len(vals)),
+                              f"{_pct(vals, 50) / 1e3:.1f}", f"{_pct(vals, 99) / 1e3:.1f}",
+                              f"{statistics.fmean(vals) / 1e3:.1f}", share)
+            table.add_row("round trip", "host clock, ICR to the next ICR", str(len(rt)),
                           f"{_pct(rt, 50) / 1e3:.1f}", f"{_pct(rt, 99) / 1e3:.1f}",
                           f"{mean_rt / 1e3:.1f}", "100%")
             console.print(table)
