@@ -241,6 +241,7 @@ class LocalApic:
                 self._stats["tsc_deadline_ignored"] += 1
                 return
             now = self.clock_ns()
+            self._timer_catch_up(now)
             tsc_now = self.tsc_at(now) if self.tsc_at is not None else self.tsc()
             self.timer.set_tsc_deadline(value, now, tsc_now)
             return
@@ -374,9 +375,13 @@ class LocalApic:
         elif c.REG_LVT_TIMER <= offset <= c.REG_LVT_ERROR:
             self._write_lvt((offset - c.REG_LVT_TIMER) >> 4, value)
         elif offset == c.REG_TIMER_INITIAL:
-            self.timer.set_initial_count(value, self.clock_ns())
+            now = self.clock_ns()
+            self._timer_catch_up(now)
+            self.timer.set_initial_count(value, now)
         elif offset == c.REG_TIMER_DIVIDE:
-            self.timer.set_divide(value, self.clock_ns())
+            now = self.clock_ns()
+            self._timer_catch_up(now)
+            self.timer.set_divide(value, now)
         elif offset == c.REG_ESR:
             self._latch_esr()
         elif offset == c.REG_ICR_HIGH:
@@ -406,10 +411,14 @@ class LocalApic:
         value &= c.LVT_WRITABLE[index]
         if not self.sw_enabled:
             value |= c.LVT_MASKED
+        if index != c.LVT_TIMER:
+            self._lvt[index] = value
+            return
+        now = self.clock_ns()
+        self._timer_catch_up(now)  # under the old LVT: vector, mask and mode
         self._lvt[index] = value
-        if index == c.LVT_TIMER:
-            mode = (value & c.LVT_TIMER_MODE_MASK) >> c.LVT_TIMER_MODE_SHIFT
-            self.timer.set_mode(mode, self.clock_ns())
+        mode = (value & c.LVT_TIMER_MODE_MASK) >> c.LVT_TIMER_MODE_SHIFT
+        self.timer.set_mode(mode, now)
 
     def lvt(self, index: int) -> int:
         """Current value of LVT entry ``index`` (LVT_TIMER .. LVT_ERROR)."""
@@ -660,6 +669,19 @@ class LocalApic:
     def timer_deadline_ns(self) -> int | None:
         """Absolute clock_ns time of the next timer expiry, or None."""
         return self.timer.deadline_ns
+
+    def _timer_catch_up(self, now_ns: int) -> None:
+        """Before a write to a timer register (LVT timer, initial count, divide,
+        IA32_TSC_DEADLINE): an expiry due at ``now_ns`` that the VMM has not processed
+        yet happens first, under the old settings. In KVM the hrtimer has fired by then
+        (apic_timer_fn); without this, a host stall of the vCPU across the deadline
+        would decide the outcome: a one-shot count-down that reached 0 and is then
+        switched to periodic would restart from the initial count instead of staying
+        at 0 (apic_get_tmcct), and the expired count-down's interrupt would be lost."""
+        deadline = self.timer.deadline_ns
+        if deadline is not None and now_ns >= deadline:
+            self._stats["timer_caught_up"] += 1
+            self.timer_expired(now_ns)
 
     def timer_expired(self, now_ns: int) -> bool:
         """If the timer is due at ``now_ns``: set the LVT timer vector in IRR unless the
