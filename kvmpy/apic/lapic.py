@@ -37,6 +37,7 @@ _XAPIC = ApicMode.XAPIC
 _X2APIC = ApicMode.X2APIC
 _X2APIC_ICR_RESERVED = c.X2APIC_ICR_RESERVED
 _MMIO_HOLE = 0xFFFFFFFFFFFFFFFF
+_LVT_TIMER_DEADLINE_BIT = c.TIMER_TSC_DEADLINE << c.LVT_TIMER_MODE_SHIFT  # bit 18
 
 
 def _pack32(vectors: bytearray, word: int) -> int:
@@ -60,6 +61,7 @@ class LocalApic:
         tsc_hz: int,
         maxphyaddr: int = 52,
         x2apic_supported: bool = True,
+        tsc_deadline_supported: bool = True,
         min_periodic_ns: int = 0,
     ) -> None:
         self.apic_id = apic_id  # initial APIC ID == x2APIC ID (SDM 10.12.5.1)
@@ -73,7 +75,11 @@ class LocalApic:
         self.tsc_at = tsc_at
         self.tsc_hz = tsc_hz
         self.maxphyaddr = maxphyaddr
+        # CPUID.1:ECX[21] and [24] as the guest sees them (kvmpy/cpumodel.py). Without
+        # x2APIC, IA32_APIC_BASE.EXTD is reserved (SDM 10.12.1); without TSC-deadline,
+        # IA32_TSC_DEADLINE does not exist and timer mode 10b is reserved (SDM 10.5.4.1).
         self.x2apic_supported = x2apic_supported
+        self.tsc_deadline_supported = tsc_deadline_supported
         self.index = -1  # set by ApicBus.add
         self.x2apic_ldr = x2apic_ldr(apic_id)
         # Called with the vector on the EOI of a level-triggered interrupt (TMR set):
@@ -208,6 +214,9 @@ class LocalApic:
         if msr == c.MSR_APIC_BASE:
             return self.apic_base
         if msr == c.MSR_TSC_DEADLINE:
+            if not self.tsc_deadline_supported:
+                self._stats["gp"] += 1
+                raise ApicGP("IA32_TSC_DEADLINE without CPUID TSC-deadline (SDM Vol. 4 2-2)")
             if self.mode is _DISABLED or self.timer.mode != c.TIMER_TSC_DEADLINE:
                 return 0
             return self.timer.tsc_deadline
@@ -236,6 +245,9 @@ class LocalApic:
                 raise
             return
         if msr == c.MSR_TSC_DEADLINE:
+            if not self.tsc_deadline_supported:
+                self._stats["gp"] += 1
+                raise ApicGP("IA32_TSC_DEADLINE without CPUID TSC-deadline (SDM Vol. 4 2-2)")
             # SDM 10.5.4.1: ignored unless the timer is in TSC-deadline mode.
             if self.mode is _DISABLED or self.timer.mode != c.TIMER_TSC_DEADLINE:
                 self._stats["tsc_deadline_ignored"] += 1
@@ -267,6 +279,11 @@ class LocalApic:
         if offset == c.REG_LVT_TIMER and (value & c.LVT_TIMER_MODE_MASK) == c.LVT_TIMER_MODE_MASK:
             self._stats["gp"] += 1
             raise ApicGP("LVT timer mode 11b is reserved (SDM 10.5.1)")
+        if offset == c.REG_LVT_TIMER and not self.tsc_deadline_supported \
+                and value & _LVT_TIMER_DEADLINE_BIT:
+            self._stats["gp"] += 1
+            raise ApicGP("LVT timer mode 10b is reserved without CPUID TSC-deadline "
+                         "(SDM 10.5.4.1)")
         if offset == c.REG_SELF_IPI:
             self.self_ipi_fast(value)
             return
@@ -411,6 +428,10 @@ class LocalApic:
         value &= c.LVT_WRITABLE[index]
         if not self.sw_enabled:
             value |= c.LVT_MASKED
+        if index == c.LVT_TIMER and not self.tsc_deadline_supported:
+            # Mode bit 18 is reserved without TSC-deadline: an xAPIC write drops it
+            # (KVM's timer_mode_mask), x2APIC writes with it #GP'd in wrmsr.
+            value &= ~_LVT_TIMER_DEADLINE_BIT
         if index != c.LVT_TIMER:
             self._lvt[index] = value
             return
