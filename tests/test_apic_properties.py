@@ -11,7 +11,8 @@ and after every step the model must agree with the shadow and pass
 
 Choices the SDM leaves open follow the model's documented ones (bus.py docstring):
 illegal fixed/lowest vectors are not sent; lowest priority goes to the focus
-processor, else to a lowest-PPR APIC; duplicate physical IDs deliver to one of them;
+processor, else to a lowest-PPR APIC; duplicate physical IDs deliver to all of them
+(lowest priority: to one);
 a DFR model other than flat is cluster; TSC_DEADLINE reads 0 outside deadline mode.
 
 ``scripts/fuzz_apic_model.py`` runs the same machine for a long time.
@@ -647,8 +648,9 @@ class ApicMachine(RuleBasedStateMachine):
         return chosen
 
     def _one_of(self, matches: list[int], notes: list[int], dm: int) -> list[int]:
-        """Duplicate physical IDs (software-written xAPIC IDs): one of them receives."""
-        if len(matches) <= 1:
+        """Duplicate physical IDs (software-written xAPIC IDs): every one receives
+        (SDM 10.6.2.1), a lowest-priority interrupt only one of them."""
+        if len(matches) <= 1 or dm != LOWEST:
             return matches
         hit = [j for j in notes if j in matches]
         if hit:

@@ -17,7 +17,11 @@ Choices where the SDM leaves room (each documented in the function that makes it
 - delivery mode 001 from an x2APIC ICR (marked reserved in the SDM x2APIC figure) is
   lowest priority, as in KVM;
 - globally disabled APICs (IA32_APIC_BASE.EN=0) are not on the bus: they match no
-  destination.
+  destination;
+- a physical destination that software made ambiguous (two xAPIC-mode APICs given one
+  ID through the writable ID register) reaches every APIC with that ID, as each
+  compares the destination with its own ID (SDM 10.6.2.1; KVM without its 32-bit
+  x2APIC-ID quirk); a lowest-priority one goes to the first of them.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ class ApicBus:
     def __init__(self, notify: Callable[[int], None]) -> None:
         self.notify = notify
         self.apics: list[LocalApic] = []
+        # Set (for good) once software moves an xAPIC ID off kvmpy's numbering (ID =
+        # index): from then on physical IPIs take the general route, which finds every
+        # APIC with the destination ID, aliases included.
+        self.xapic_ids_changed = False
 
     def add(self, apic: LocalApic) -> None:
         """Attach ``apic``; its ``index`` becomes its position in ``apics``."""
@@ -82,7 +90,7 @@ class ApicBus:
         # shorthand, to the APIC whose ID is its index (kvmpy's numbering). No Counter,
         # no scan; anything else (or an APIC whose ID software changed) goes the general
         # way below.
-        if not icr_low & _GENERAL_ROUTE_BITS and icr_low & 0xF0:
+        if not icr_low & _GENERAL_ROUTE_BITS and icr_low & 0xF0 and not self.xapic_ids_changed:
             apics = self.apics
             if dest < len(apics):
                 target = apics[dest]
@@ -122,6 +130,15 @@ class ApicBus:
         logical = icr_low & ICR_DEST_LOGICAL
         broadcast = shorthand != SH_NONE or is_broadcast(dest, source.mode)
         if not broadcast and not logical:
+            if self.xapic_ids_changed and dm != DM_LOWEST:
+                hit = False
+                for target in self.apics:
+                    if target.mode is not _DISABLED and match_physical(target, dest):
+                        hit = True
+                        self._deliver(target, dm, vector)
+                if not hit:
+                    stats["ipi_no_target"] += 1
+                return
             target = self._physical_target(dest)
             if target is None:
                 stats["ipi_no_target"] += 1
@@ -145,7 +162,7 @@ class ApicBus:
     def _physical_target(self, dest: int) -> LocalApic | None:
         """The APIC with physical ID ``dest`` (SDM 10.6.2.1). kvmpy numbers APICs by
         index, so ``apics[dest]`` is tried first; a software-changed xAPIC ID falls
-        back to a scan. Physical IDs are unique (SDM 10.4.6): the first match wins."""
+        back to a scan, and the first match wins (see send_ipi for aliased IDs)."""
         apics = self.apics
         if dest < len(apics):
             target = apics[dest]

@@ -405,6 +405,8 @@ class LocalApic:
             self._icr_dest = value >> 24
         elif offset == c.REG_ID:
             self.xapic_id = value >> 24  # xAPIC ID is software-writable (SDM 10.4.6)
+            if self.xapic_id != self.apic_id & 0xFF:
+                self.bus.xapic_ids_changed = True  # IDs may alias: see ApicBus.send_ipi
         elif offset == c.REG_LDR:
             self.ldr = value & 0xFF000000
         elif offset == c.REG_DFR:
