@@ -170,3 +170,14 @@ def test_apic_change_mode_with_a_stall_before_the_lvt_write(fastpath: bool) -> N
     s.clock.advance(2 * TMICT)
     assert _exit(vcpu, rd, tmcct) == 0
     assert vcpu.syncs == 4  # every timer-register write re-synced the host timer
+
+
+@pytest.mark.parametrize("x2apic", MODES)
+def test_past_tsc_deadline_fires_before_a_mode_switch(x2apic: bool) -> None:
+    """Found by the hypothesis model (test_apic_properties): a deadline already past
+    fires at once (SDM 10.5.4.1), so the LVT write that leaves TSC-deadline mode next,
+    at the same instant, finds the interrupt raised, not a disarmed timer."""
+    s, apic = armed(x2apic, lvt=VEC | DEADLINE, count=0)
+    apic.wrmsr(MSR_TSC_DEADLINE, 1)
+    write_reg(apic, c.REG_LVT_TIMER, VEC | ONESHOT)
+    assert apic.irr[VEC] == 1 and apic.timer_deadline_ns() is None
