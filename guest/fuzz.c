@@ -14,7 +14,19 @@
  * nor COM1); reads (all ones) and writes of unclaimed MMIO 0xd0000000-0xfebfffff; random
  * ICR values (reserved bits, illegal vectors 0-15, every delivery mode and shorthand);
  * NMIs; self-IPIs; LVT and timer programming (one-shot, periodic, TSC-deadline); TPR;
- * reads of random other MSRs.
+ * reads of random other MSRs; the I/O APIC at 0xfec00000: raw accesses anywhere in its
+ * 4 KiB window (any size, IOREGSEL aliases, the EOI register, holes), redirection
+ * entries with random fields (illegal vectors, every delivery mode but INIT, random
+ * destinations, level and edge, reserved bits), out-of-range indexes, ID/version/
+ * arbitration writes, EOI-register writes, and pc-testdev's lines (port 0x2000 + n, some
+ * beyond the 24), so level lines stay asserted and storm. Its oracles: IOREGSEL reads
+ * back its 8 bits, IOWIN reads ID bits 27:24 only, arbitration = ID, version 0x170020,
+ * 0 for indexes with no register and for accesses not 32 bits wide, entries read back
+ * as written with delivery status 0 and no remote IRR on an edge entry (ioapic_bad=).
+ * The guest takes a lock around each IOREGSEL/IOWIN pair (as an OS would), with
+ * interrupts off; a CPU whose interrupt handler sees a burst masks every entry and
+ * deasserts every line (ioapic_quiets=): a level line nobody deasserts would otherwise
+ * re-interrupt it after each EOI.
  *
  * Each CPU alternates calm and chaos phases. In a calm phase its APIC is enabled in a
  * known mode and it is "receptive": it takes part in the counted IPIs. Those use the
@@ -59,6 +71,13 @@
 #define GP 13
 #define RESTART_PAGE 0x4000u    /* initsipi=1: SIPI vector 4 restarts a CPU in fz_tramp */
 #define RESTART_POLLS 200000
+#define IOAPIC_BASE 0xfec00000u
+#define IOAPIC_PINS 24
+#define TESTDEV_IRQ 0x2000
+#define RTE_DS (1u << 12)
+#define RTE_REMOTE_IRR (1u << 14)
+#define RTE_LEVEL (1u << 15)
+#define RTE_MASKED (1u << 16)
 
 enum { M_DISABLED = 0, M_XAPIC = 1, M_X2APIC = 2 };
 
@@ -77,6 +96,7 @@ struct cpu_state {
     u32 base_writes, base_mismatch, hole_bad, mmio_bad, restore_faults;
     u32 msr_rd, msr_wr, mmio_rd, mmio_wr, pio, pio_str, icr_random, timer_ops;
     u32 phases, done, resets, restart_timeouts;
+    u32 io_ops, io_bad, io_lines, io_quiets;
     u8 iobuf[64];
 } __attribute__((aligned(64)));
 
@@ -306,6 +326,8 @@ static void stop_timer(struct cpu_state *st)
     st->storms++;
 }
 
+static void ioapic_quiet(struct cpu_state *st);
+
 /* Vectors 16-255 other than the counted ones: count; EOI only if the vector is in
  * service (a spurious interrupt sets no ISR bit and must not be EOI'd, SDM 10.9). */
 static void on_interrupt(struct frame *f)
@@ -323,6 +345,7 @@ static void on_interrupt(struct frame *f)
     }
     if (++st->burst > BURST_MAX) {
         stop_timer(st);
+        ioapic_quiet(st);
         st->burst = 0;
     }
     st->fault = fault;
@@ -867,12 +890,205 @@ static void op_token(struct cpu_state *st, u32 cpu, u32 r)
     st->tok_sent++;
 }
 
+/* ------------------------------------------------------------------ the I/O APIC */
+
+static struct spinlock io_lock;
+static u32 io_sel, io_id;       /* what the guest last wrote: IOREGSEL, the ID field */
+
+/* Interrupts off while holding io_lock: a handler may take it (ioapic_quiet). */
+static u32 io_lock_irqsave(void)
+{
+    u32 flags = read_eflags();
+
+    cli();
+    spin_lock(&io_lock);
+    return flags;
+}
+
+static void io_unlock_irqrestore(u32 flags)
+{
+    spin_unlock(&io_lock);
+    if (flags & 0x200)
+        sti();
+}
+
+static void io_select(struct cpu_state *st, u32 index)
+{
+    io_sel = index & 0xff;
+    fz_mmio_write(st, IOAPIC_BASE, 4, index);
+}
+
+static u32 io_read_reg(struct cpu_state *st, u32 index)
+{
+    io_select(st, index);
+    return fz_mmio_read(st, IOAPIC_BASE + 0x10, 4);
+}
+
+static void io_write_reg(struct cpu_state *st, u32 index, u32 v)
+{
+    io_select(st, index);
+    fz_mmio_write(st, IOAPIC_BASE + 0x10, 4, v);
+    if (index == 0)
+        io_id = (v >> 24) & 0xf;
+}
+
+static void io_check(struct cpu_state *st, const char *what, u32 got, u32 want)
+{
+    if (got == want)
+        return;
+    if (!st->io_bad++)
+        printf("fuzz: cpu %u ioapic %s: got %x expected %x\n", cpu_index(), what, got, want);
+}
+
+/* The value IOWIN must read for index `sel`, or 1 << 32 - 1 with *known = 0. */
+static u32 io_expected(u32 sel, int *known)
+{
+    *known = 1;
+    if (sel == 0 || sel == 2)
+        return io_id << 24;
+    if (sel == 1)
+        return 0x00170020;
+    if (sel >= 0x10 && sel < 0x10 + 2 * IOAPIC_PINS) {
+        *known = 0;
+        return 0;
+    }
+    return 0;   /* no register at this index */
+}
+
+/* A burst of interrupts: mask every entry, deassert every line. Any context. */
+static void ioapic_quiet(struct cpu_state *st)
+{
+    u32 flags = io_lock_irqsave();
+
+    for (u32 pin = 0; pin < IOAPIC_PINS; pin++) {
+        io_write_reg(st, 0x10 + 2 * pin, RTE_MASKED);
+        outb(TESTDEV_IRQ + pin, 0);
+    }
+    io_unlock_irqrestore(flags);
+    st->io_quiets++;
+}
+
+/* A random redirection entry, made harmless for the counts and the CPUs: vectors
+ * through fv() (no counted vector; illegal ones stay), INIT turned into fixed (an INIT
+ * would reset a CPU into wait-for-SIPI), no NMI with initsipi=1. */
+static void io_random_entry(struct cpu_state *st, u32 *lo, u32 *hi)
+{
+    u32 v = xorshift(&st->rng), dm = (v >> 8) & 7;
+
+    if (dm == 5 || (initsipi && dm == 4))
+        dm = 0;
+    *lo = (v & ~0x7ffu) | dm << 8 | fv(v);
+    if (v & 0x60000)
+        *lo &= ~RTE_MASKED;                 /* mostly unmasked */
+    *hi = xorshift(&st->rng);
+    if (*hi & 0x100)
+        *hi = (*hi & 0x00ffffffu) | ids[(*hi >> 9) % ncpus] << 24;
+}
+
+/* Mostly one of four pins (8-11), so lines meet programmed entries; now and then any. */
+static u32 io_pin(u32 r, u32 limit)
+{
+    return (r >> 24) & 3 ? 8 + (r & 3) : r % limit;
+}
+
+static void op_ioapic(struct cpu_state *st, u32 r)
+{
+    u32 r2 = xorshift(&st->rng), flags, lo, hi, got, want, size, off, pin;
+    int known;
+
+    st->io_ops++;
+    switch ((r >> 8) % 8) {
+    case 0: case 1:                         /* a line, sometimes beyond the 24 */
+        pin = io_pin(r2, IOAPIC_PINS + 2);
+        size = (r2 >> 8) & 7 ? 1 : 1u << ((r2 >> 11) % 3);
+        fz_out(st, TESTDEV_IRQ + pin, size, (r2 >> 16) & 1 ? (r2 >> 17) & 0xff : 0);
+        st->io_lines++;
+        break;
+    case 2:                                 /* a random entry, halves in random order */
+        pin = io_pin(r2, IOAPIC_PINS);
+        io_random_entry(st, &lo, &hi);
+        flags = io_lock_irqsave();
+        if (r2 & 0x100) {
+            io_write_reg(st, 0x11 + 2 * pin, hi);
+            io_write_reg(st, 0x10 + 2 * pin, lo);
+        } else {
+            io_write_reg(st, 0x10 + 2 * pin, lo);
+            io_write_reg(st, 0x11 + 2 * pin, hi);
+        }
+        got = io_read_reg(st, 0x10 + 2 * pin);
+        io_check(st, "entry high half", io_read_reg(st, 0x11 + 2 * pin), hi);
+        io_unlock_irqrestore(flags);
+        io_check(st, "entry low half", got & ~(RTE_DS | RTE_REMOTE_IRR),
+                 lo & ~(RTE_DS | RTE_REMOTE_IRR));
+        io_check(st, "delivery status", got & RTE_DS, 0);
+        if (!(got & RTE_LEVEL))
+            io_check(st, "remote IRR of an edge entry", got & RTE_REMOTE_IRR, 0);
+        break;
+    case 3:                                 /* a raw read anywhere in the window */
+        size = 1u << (r2 % 3);
+        off = (r2 >> 4) & 0xfff & ~(size - 1);
+        flags = io_lock_irqsave();
+        got = fz_mmio_read(st, IOAPIC_BASE + off, size);
+        want = 0;
+        known = 1;
+        if ((off & 0xff) == 0)
+            want = io_sel;
+        else if ((off & 0xff) == 0x10 && size == 4)
+            want = io_expected(io_sel, &known);
+        io_unlock_irqrestore(flags);
+        if (known)
+            io_check(st, "window read", got, want & (size == 4 ? ~0u : (1u << (8 * size)) - 1));
+        st->mmio_rd++;
+        break;
+    case 4:                                 /* a raw write anywhere but IOWIN */
+        size = 1u << (r2 % 3);
+        off = (r2 >> 4) & 0xfff & ~(size - 1);
+        if ((off & 0xff) == 0x10)
+            off ^= 0x20;
+        want = xorshift(&st->rng);
+        flags = io_lock_irqsave();
+        fz_mmio_write(st, IOAPIC_BASE + off, size, want);
+        if ((off & 0xff) == 0)                      /* an IOREGSEL alias: 8 bits */
+            io_sel = want & 0xff;
+        io_unlock_irqrestore(flags);
+        st->mmio_wr++;
+        break;
+    case 5:                                 /* ID, version, arbitration, no register */
+        flags = io_lock_irqsave();
+        io_write_reg(st, 0, r2);
+        io_check(st, "ID", io_read_reg(st, 0), r2 & 0x0f000000);
+        io_write_reg(st, 1, ~r2);
+        io_check(st, "version", io_read_reg(st, 1), 0x00170020);
+        io_write_reg(st, 2, r2 >> 3);
+        io_check(st, "arbitration", io_read_reg(st, 2), r2 & 0x0f000000);
+        off = (r2 >> 8) & 1 ? 3 + (r2 >> 9) % 13 : 0x40 + (r2 >> 9) % 0xc0;
+        io_write_reg(st, off, xorshift(&st->rng));
+        io_check(st, "no-register index", io_read_reg(st, off), 0);
+        io_unlock_irqrestore(flags);
+        break;
+    case 6:                                 /* the EOI register, any vector, any size */
+        size = (r2 >> 8) & 3 ? 4 : 1u << ((r2 >> 10) % 3);
+        fz_mmio_write(st, IOAPIC_BASE + 0x40, size, r2 & 0xffff);
+        st->mmio_wr++;
+        break;
+    default:                                /* an entry read back */
+        pin = io_pin(r2, IOAPIC_PINS);
+        flags = io_lock_irqsave();
+        got = io_read_reg(st, 0x10 + 2 * pin);
+        io_unlock_irqrestore(flags);
+        io_check(st, "delivery status", got & RTE_DS, 0);
+        if (!(got & RTE_LEVEL))
+            io_check(st, "remote IRR of an edge entry", got & RTE_REMOTE_IRR, 0);
+    }
+    count_fault(st);
+}
+
 static void one_op(struct cpu_state *st, u32 cpu, int calm)
 {
     u32 r = xorshift(&st->rng);
 
     st->burst = 0;
-    switch (r % 20) {
+    switch (r % 22) {
     case 0: case 1: case 2:
         op_x2apic_msr(st, r, calm);
         break;
@@ -908,6 +1124,9 @@ static void one_op(struct cpu_state *st, u32 cpu, int calm)
         break;
     case 16:
         op_other_msr(st, r);
+        break;
+    case 17: case 18:
+        op_ioapic(st, r);
         break;
     default:
         if (calm)
@@ -1185,8 +1404,10 @@ int main(struct multiboot_info *mbi)
     printf("fuzz: base_mismatch=%u hole_bad=%u mmio_bad=%u restore_faults=%u resets=%u "
            "restart_timeouts=%u\n", SUM(base_mismatch), SUM(hole_bad), SUM(mmio_bad),
            SUM(restore_faults), SUM(resets), SUM(restart_timeouts));
+    printf("fuzz: ioapic_ops=%u ioapic_bad=%u ioapic_lines=%u ioapic_quiets=%u\n",
+           SUM(io_ops), SUM(io_bad), SUM(io_lines), SUM(io_quiets));
     printf("fuzz: lost=%u invented=%u\n", lost, invented);
-    bad = lost + invented + SUM(base_mismatch) + SUM(hole_bad) + SUM(mmio_bad)
+    bad = lost + invented + SUM(base_mismatch) + SUM(hole_bad) + SUM(mmio_bad) + SUM(io_bad)
           + SUM(send_faults) + SUM(restore_faults) + SUM(restart_timeouts);
     if (bad) {
         printf("fuzz: FAILED\n");

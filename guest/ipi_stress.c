@@ -262,7 +262,8 @@ int main(struct multiboot_info *mbi)
             got += received[t][v];
         }
         deliveries += got;
-        printf("ipi_stress: cpu %u received %u\n", t, got);
+        /* cpu indexes are in arrival order; the APIC ID names the vCPU */
+        printf("ipi_stress: cpu %u apic %u received %u\n", t, smp_apic_id(t), got);
     }
     for (u32 c = 0; c < ncpus; c++) {
         busy_all += busy[c];

@@ -18,7 +18,8 @@ from kvmpy import __version__
 from kvmpy.errors import KvmpyError
 
 if TYPE_CHECKING:
-    from kvmpy.machine import MachineConfig
+    from kvmpy.machine import Machine, MachineConfig
+    from kvmpy.tracing.recorder import Tracer
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -53,6 +54,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvmpy.vcpu import HALT_POLL_NS_DEFAULT
+
     p = _Parser(prog="kvmpy", description="A hackable VMM in Python on Linux KVM.",
                 allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"kvmpy {__version__}")
@@ -78,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the serial console to FILE instead of stdout")
     run.add_argument("--no-fastpath", dest="fastpath", action="store_false",
                      help="send every ICR write through the ordinary exit dispatch")
+    run.add_argument("--halt-poll-ns", dest="halt_poll_ns", type=int, default=None,
+                     metavar="NS", help="longest halt-polling window (KVM's halt_poll_ns; "
+                     f"default {HALT_POLL_NS_DEFAULT}, 0 never polls)")
+    run.add_argument("--pin-vcpus", dest="pin_vcpus", choices=("auto", "on", "off"),
+                     default="auto", help="pin vCPU i to host CPU i (auto: when each vCPU "
+                     "gets its own CPU)")
     run.add_argument("--irqchip", choices=("user", "kernel"), default="user",
                      help="user: kvmpy's local APIC (default); kernel: KVM's in-kernel "
                      "irqchip, the reference")
@@ -87,11 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draw handling-time histograms (fastpath vs slow path) to FILE.png")
     run.add_argument("--timeout", type=float, metavar="SECONDS",
                      help="stop the VM after this many seconds")
+    run.add_argument("--trace", metavar="FILE.json",
+                     help="write a timeline of exits and interrupts (Chrome trace-event "
+                     "JSON: open it in Perfetto UI or chrome://tracing)")
+    run.add_argument("--trace-events", type=int, default=None, metavar="N",
+                     help="with --trace: keep the last N events per thread (default "
+                     "131072; memory is preallocated, 32 bytes an event)")
 
     sub.add_parser("info", help="show the KVM backend and capabilities kvmpy uses")
 
+    trace = sub.add_parser("trace", help="read a trace written by `kvmpy run --trace`",
+                           allow_abbrev=False)
+    trace_sub = trace.add_subparsers(dest="trace_command", required=True, parser_class=_Parser)
+    summary = trace_sub.add_parser("summary", help="per-interrupt latency by hop (p50/p99) "
+                                   "and where each vCPU's time went", allow_abbrev=False)
+    summary.add_argument("file", metavar="FILE.json")
+    summary.add_argument("--plot", metavar="FILE.png", help="draw the hop distributions")
+    summary.add_argument("--json", action="store_true", help="print JSON, not tables")
+
     bench = sub.add_parser("bench", help="benchmarks: `ipi` (guest-measured IPI latency), "
-                           "`floor` (ICR-write exits against a bare C KVM_RUN loop)",
+                           "`floor` (ICR-write exits against a bare C KVM_RUN loop), "
+                           "`vmexit` (kvm-unit-tests' vmexit.flat, compared)",
                            allow_abbrev=False)
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     ipi = bench_sub.add_parser("ipi", help="IPI round trip, one-way, halted receiver and "
@@ -109,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="vCPU counts for --scale")
     ipi.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ipi.add_argument("--plot", metavar="FILE.png", help="draw latency histograms")
+    ipi.add_argument("--breakdown", action="store_true",
+                     help="cut the vmexit-shaped round trip into its hops (traced, with "
+                     "perf's scheduler and KVM tracepoints where perf works)")
+    ipi.add_argument("--no-perf", dest="perf", action="store_false",
+                     help="--breakdown without perf (no in-kernel breakdown)")
+    from kvmpy.bench.compare import add_compare_options, add_vmexit_parser
+
+    add_compare_options(ipi, flag=True)
+    add_vmexit_parser(bench_sub)
     floor = bench_sub.add_parser("floor", help="ICR-write exit cost: kvmpy vs a C floor",
                                  allow_abbrev=False)
     floor.add_argument("--n", type=int, default=20_000, help="ICR writes per run")
@@ -124,13 +158,17 @@ def cmd_run(args: argparse.Namespace,
     from kvmpy.machine import STATUS_TERMINATED, Machine, MachineConfig
 
     image_path = Path(args.image)
+    if args.trace_events is not None and not args.trace:
+        raise KvmpyError("--trace-events needs --trace FILE.json")
     image = _read_file(image_path, "image")
     initrd = _read_file(Path(args.initrd), "initrd") if args.initrd else None
     config = MachineConfig(
         cpus=parse_cpus(args.cpus), memory=parse_size(args.memory), cmdline=args.append,
         initrd=initrd, initrd_name=args.initrd or "", fastpath=args.fastpath,
-        irqchip=args.irqchip, cpu=parse_cpu(args.cpu),
+        irqchip=args.irqchip, pin_vcpus=args.pin_vcpus, cpu=parse_cpu(args.cpu),
     )
+    if args.halt_poll_ns is not None:
+        config.halt_poll_ns = args.halt_poll_ns
     if configure is not None:
         configure(config)
     serial_file = None
@@ -143,6 +181,7 @@ def cmd_run(args: argparse.Namespace,
     try:
         with Machine(config) as machine:
             machine.load(image, flat=args.flat, name=str(image_path))
+            tracer = _attach_tracer(machine, args) if args.trace else None
 
             def on_term(signum: int, frame: object) -> None:
                 machine.stop(STATUS_TERMINATED, "terminated (SIGTERM)")
@@ -160,10 +199,60 @@ def cmd_run(args: argparse.Namespace,
                 from kvmpy.plot import plot_exit_histograms
 
                 plot_exit_histograms(result.stats, args.plot, title=image_path.name)
+            if tracer is not None:
+                _write_trace(tracer, args.trace, image_path.name)
             return result.status
     finally:
         if serial_file is not None:
             serial_file.close()
+
+
+def _attach_tracer(machine: Machine, args: argparse.Namespace) -> Tracer:
+    import os
+
+    from kvmpy.tracing.probes import attach
+    from kvmpy.tracing.recorder import DEFAULT_EVENTS, MAX_EVENTS, MIN_EVENTS
+
+    events = DEFAULT_EVENTS if args.trace_events is None else args.trace_events
+    if not MIN_EVENTS <= events <= MAX_EVENTS:
+        raise KvmpyError(f"--trace-events must be between {MIN_EVENTS} and {MAX_EVENTS}, "
+                         f"got {events}")
+    target = Path(args.trace)
+    parent = target.resolve().parent  # fail before the guest runs, not after
+    if target.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise KvmpyError(f"cannot write trace {args.trace}: "
+                         + ("is a directory" if target.is_dir() else
+                            "no such directory" if not parent.is_dir() else
+                            "permission denied"))
+    return attach(machine, events)
+
+
+def _write_trace(tracer: Tracer, path: str, title: str) -> None:
+    from kvmpy.tracing.export import write
+
+    try:
+        other = write(tracer, path, title=title)
+    except OSError as e:
+        raise KvmpyError(f"cannot write trace {path}: {e.strerror}") from None
+    dropped = other["events_dropped"]
+    print(f"kvmpy: trace {path}: {other['events_recorded']} events"
+          + (f" ({dropped} oldest overwritten)" if dropped else "")
+          + f", {other['interrupts']} interrupts", file=sys.stderr)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from kvmpy.tracing.summary import load, plot_summary, print_summary, summarize
+
+    summary = summarize(load(Path(args.file)))
+    if args.json:
+        import json
+
+        print(json.dumps(summary.to_json(), indent=1))
+    else:
+        print_summary(summary)
+    if args.plot:
+        plot_summary(summary, args.plot)
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -184,6 +273,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "vmexit" or getattr(args, "compare", False):
+        from kvmpy.bench.compare import cli_main
+
+        return cli_main(args)
     if args.bench == "floor":
         from kvmpy.bench.floor import main as floor_main
 
@@ -197,6 +290,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.rounds < 1:
         raise KvmpyError("--n and --rounds must be at least 1")
+    if args.breakdown:
+        return _cmd_breakdown(args)
     if args.scale and any(c < 2 or c > 64 for c in args.cpus):
         raise KvmpyError("--cpus for --scale must be between 2 and 64")
     runs = args.rounds * len(args.configs) * (len(args.cpus) if args.scale else 1)
@@ -216,6 +311,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot_report(result, args.plot)
     return 1 if result.failures else 0
+
+
+def _cmd_breakdown(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmpy.bench.breakdown import plot_breakdown, print_breakdown, run_breakdown
+
+    if args.scale:
+        raise KvmpyError("--breakdown is a two-vCPU test: it does not combine with --scale")
+    if args.n > 4096:
+        raise KvmpyError("--n for --breakdown must be at most 4096")
+    result = run_breakdown(args.configs, n=args.n, rounds=args.rounds, use_perf=args.perf)
+    if args.json:
+        print(json.dumps({"backend": result.backend, "perf": result.perf, "configs": {
+            name: {"round_trips": cb.round_trips, "failures": cb.failures,
+                   "round_trips_ns": cb.cases,
+                   "guest_round_trip_ns": cb.guest_rt_ns}
+            for name, cb in result.configs.items()}}))
+    else:
+        print_breakdown(result)
+    if args.plot:
+        plot_breakdown(result, args.plot)
+    failed = any(cb.failures or not cb.round_trips for cb in result.configs.values())
+    return 1 if failed else 0
 
 
 def _read_file(path: Path, what: str) -> bytes:
@@ -238,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "trace":
+            return cmd_trace(args)
     except KvmpyError as e:
         print(f"kvmpy: {e}", file=sys.stderr)
         return 2

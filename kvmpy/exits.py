@@ -6,7 +6,11 @@
 exit lock (kvmpy's srcu_read_lock), before stats and tracing, and handles every ICR
 write: x2APIC MSR 0x830, SELF_IPI 0x83f, the TSC-deadline MSR, and (beyond upstream)
 the xAPIC ICR-low MMIO write, and the x2APIC timer registers (LVT timer, initial count,
-divide). It returns a `Fastpath`, never a fake exit reason.
+divide). Beyond the ICR it completes the two other exits of every interrupt's round
+trip that a userspace APIC adds: the EOI write (x2APIC MSR 0x80b, xAPIC MMIO 0xb0) of an
+edge-triggered vector, and HLT with a wake-up already pending (upstream's
+`handle_fastpath_hlt`: re-enter at once; otherwise the vCPU halts, EXIT_HANDLED). It
+returns a `Fastpath`, never a fake exit reason.
 
 Contract for a failed fast attempt (upstream `kvm_x2apic_icr_write_fast`): reserved
 bits are checked first, and a write that would #GP returns NONE with no side effect,
@@ -42,7 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvmpy.exits")
 
 XAPIC_ICR_LOW = 0x300
+XAPIC_EOI = 0x0B0
 XAPIC_PAGE_SIZE = 0x1000
+MSR_X2APIC_EOI = 0x80B
 
 
 class Fastpath(enum.Enum):
@@ -55,11 +61,14 @@ class Fastpath(enum.Enum):
 
 _NONE = Fastpath.NONE
 _REENTER = Fastpath.REENTER_GUEST
+_HANDLED = Fastpath.EXIT_HANDLED
 # Module-level names for the fastpath's comparisons: one global load each, not two.
 _WRMSR = k.KVM_EXIT_X86_WRMSR
 _MMIO = k.KVM_EXIT_MMIO
 _INTR = k.KVM_EXIT_INTR
+_HLT = k.KVM_EXIT_HLT
 _XAPIC = ApicMode.XAPIC
+_X2APIC = ApicMode.X2APIC
 _MMIO_DATA_U32 = kr.MMIO_DATA // 4
 # TSC_DEADLINE, and the x2APIC LVT timer (0x832), initial count (0x838) and divide
 # configuration (0x83e) registers.
@@ -88,6 +97,11 @@ def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
         except Exception as exc:  # noqa: BLE001 - see delivery_failed
             delivery_failed(vcpu, exc)
             return _REENTER
+        if index == MSR_X2APIC_EOI:
+            # A nonzero write #GPs (SDM 10.12.1.2): the slow path injects it.
+            if exit[2] == 0 and apic.mode is _X2APIC and apic.eoi_fast():
+                return _REENTER
+            return _NONE
         if index in _TIMER_MSRS:
             # The timer registers (upstream: the TSC-deadline fastpath): a write that
             # would #GP raises before it changes anything, and goes to the slow path.
@@ -102,8 +116,10 @@ def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
         if not vcpu.fastpath_enabled or not exit[3]:
             return _NONE
         apic = vcpu.apic
-        if exit[1] == apic.base_address + XAPIC_ICR_LOW and exit[2] == 4 \
-                and apic.mode is _XAPIC:
+        offset = exit[1] - apic.base_address
+        if offset == XAPIC_EOI and exit[2] == 4 and apic.mode is _XAPIC:
+            return _REENTER if apic.eoi_fast() else _NONE
+        if offset == XAPIC_ICR_LOW and exit[2] == 4 and apic.mode is _XAPIC:
             value = vcpu.view.u32[_MMIO_DATA_U32]
             try:
                 if apic.icr_write_xapic_fast(value):
@@ -117,6 +133,14 @@ def handle_exit_irqoff(vcpu: Vcpu, exit: Exit) -> Fastpath:
     if reason == _INTR:
         # A kick: the request it carries is picked up by the injection at the loop top.
         return _REENTER
+    if reason == _HLT and vcpu.fastpath_enabled:
+        # handle_fastpath_hlt: KVM has stepped past the HLT. With a wake-up event already
+        # pending the halt is over (the loop top injects it); else halt, and let the
+        # outer loop block.
+        if vcpu.wakeup_pending_at_hlt():
+            return _REENTER
+        vcpu.halt()
+        return _HANDLED
     return _NONE
 
 

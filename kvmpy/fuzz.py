@@ -3,13 +3,14 @@
 `python -m kvmpy.fuzz --seeds 1-200 --ops 2000 --cpus 2 4 --mode mixed --jobs 2` runs
 the bundled `fuzz` guest once per (seed, vCPU count), each run in a forked child with a
 watchdog, and prints: runs, operations fuzzed, #GPs the guests took, interrupts, exits
-by reason, and the findings: host exceptions (status 8, an uncaught exception on a
-kvmpy thread, a warning logged by kvmpy, an IPI delivery failure, a thread or file
-descriptor left behind), hangs (timeouts and "every vCPU halted"), guest crashes
-(triple fault, status 4; KVM internal error, status 6), guest-detected failures
-(an oracle in the guest disagreed with the SDM) and lost or invented counted IPIs.
-Exit status 1 on any host exception, hang, leak or lost/invented IPI (`--strict`: on
-any finding at all), else 0. Each failing run is listed with the command that repeats it.
+by reason, kvmpy's APIC and I/O APIC event counters, and the findings: host exceptions
+(status 8, an uncaught exception on a kvmpy thread, a warning logged by kvmpy, an IPI
+delivery failure, a thread or file descriptor left behind), hangs (timeouts and "every
+vCPU halted"), guest crashes (triple fault, status 4; KVM internal error, status 6),
+guest-detected failures (an oracle in the guest disagreed with the SDM) and lost or
+invented counted IPIs. Exit status 1 on any host exception, hang, leak or lost/invented
+IPI (`--strict`: on any finding at all), else 0. Each failing run is listed with the
+command that repeats it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class FuzzResult:
     unclaimed_pio: int = 0  # port reads + writes no device claimed
     unclaimed_mmio: int = 0
     apic_events: dict[str, int] = field(default_factory=dict)  # LocalApic.stats, all vCPUs
+    ioapic_events: dict[str, int] = field(default_factory=dict)  # IoApic.stats
     host_errors: tuple[str, ...] = ()  # uncaught thread exceptions, kvmpy warnings
     threads_left: int = 0
     fds_grown: int = 0
@@ -163,6 +165,7 @@ def run_fuzz(seed: int, ops: int = 2000, cpus: int = 2, mode: str = "mixed",
             for vcpu in machine.vcpus:
                 if vcpu.apic is not None:
                     apic_events.update(vcpu.apic.stats)
+            ioapic_events = dict(machine.ioapic.stats) if machine.ioapic is not None else {}
     finally:
         threading.excepthook = old_hook
         logger.removeHandler(collect)
@@ -180,6 +183,7 @@ def run_fuzz(seed: int, ops: int = 2000, cpus: int = 2, mode: str = "mixed",
         icr_fast=stats.icr_fast, icr_slow=stats.icr_slow, delivery_failures=stats.delivery_failures,
         smi_dropped=stats.smi_dropped, unclaimed_pio=unclaimed_pio,
         unclaimed_mmio=unclaimed_mmio, apic_events=dict(apic_events),
+        ioapic_events=ioapic_events,
         host_errors=tuple(errors + collect.lines),
         threads_left=max(0, threading.active_count() - threads0),
         fds_grown=max(0, _open_fds() - fds0), seconds=seconds, output=text,
@@ -298,6 +302,8 @@ class Summary:
     unclaimed_pio: int = 0
     unclaimed_mmio: int = 0
     apic_events: Counter[str] = field(default_factory=Counter)
+    ioapic_ops: int = 0
+    ioapic_events: Counter[str] = field(default_factory=Counter)
     host_exceptions: int = 0
     hangs: int = 0
     crashes: int = 0
@@ -325,6 +331,8 @@ class Summary:
             s.unclaimed_pio += r.unclaimed_pio
             s.unclaimed_mmio += r.unclaimed_mmio
             s.apic_events.update(r.apic_events)
+            s.ioapic_ops += r.counters.get("ioapic_ops", 0)
+            s.ioapic_events.update(r.ioapic_events)
             s.host_exceptions += r.host_exception
             s.hangs += r.hang
             s.crashes += r.guest_crash
@@ -363,6 +371,7 @@ def print_report(s: Summary, *, seeds: str, ops: int, cpus: list[int], mode: str
         ("counted IPIs received (exact)", s.tokens),
         ("APs reset by INIT and restarted by SIPI", s.resets),
         ("ICR writes on the fastpath / slow path", f"{s.icr_fast} / {s.icr_slow}"),
+        ("I/O APIC operations (window, entries, lines)", s.ioapic_ops),
         ("unclaimed port accesses", s.unclaimed_pio),
         ("unclaimed MMIO accesses", s.unclaimed_mmio),
         ("host exceptions (must be 0)", s.host_exceptions),
@@ -380,6 +389,7 @@ def print_report(s: Summary, *, seeds: str, ops: int, cpus: list[int], mode: str
     for title, label, counts in (
         ("exits by reason (all runs)", "exit reason", s.exits),
         ("APIC events (kvmpy's LocalApic counters, all runs)", "event", s.apic_events),
+        ("I/O APIC events (kvmpy's IoApic counters, all runs)", "event", s.ioapic_events),
     ):
         table = Table(title=title)
         table.add_column(label)

@@ -10,6 +10,8 @@ Target vCPU thread (`Vcpu.run_loop`, `_inject_pending_events`, `run`,
 `_block_until_runnable`), with KVM's side of KVM_RUN (kvm_arch_vcpu_ioctl_run):
 
     loop_top      if self.state is not VcpuState.RUNNABLE: -> block_clear
+    top_clear_ie  self.view.u8[kr.IMMEDIATE_EXIT] = 0   (a kick that came while the vCPU
+                  was out of KVM_RUN: its request is picked up below, so the flag is stale)
     clear_request self.request_event = False
     inject_read   vector = apic.pending_vector()        (IRR, above PPR)
     inject_ack    if READY_FOR_INJECTION and IF_FLAG: apic.ack(vector);
@@ -26,7 +28,13 @@ Target vCPU thread (`Vcpu.run_loop`, `_inject_pending_events`, `run`,
                   returns REENTER_GUEST for KVM_EXIT_INTR: back to loop_top)
     dispatch      handle_exit(): EOI clears the highest ISR bit; HLT sets HALTED
     block_clear   self.wake.clear()
-    block_mode    self.mode = VcpuMode.BLOCKED
+    poll_choice   halt polling on or off (`machine.may_poll()` and the window): both
+    poll_mode     self.mode = VcpuMode.POLLING                    (_poll_halt)
+    poll_clear    self.request_event = False
+    poll_check    if self._wakeup_pending(): state = RUNNABLE; return
+    poll_watch    while not self.request_event: spin, or the window ends (both explored)
+    poll_end      finally: self.mode = VcpuMode.OUTSIDE_GUEST; then sleep:
+    block_mode    self.mode = VcpuMode.BLOCKED                    (_sleep_until_runnable)
     block_check   elif self._wakeup_pending(): state = RUNNABLE; finally mode = OUTSIDE
     block_wait    self.wake.wait(timeout); self.wake.clear(); back to block_check
 
@@ -38,7 +46,13 @@ Sender thread (`ApicBus._deliver` -> `LocalApic.accept_fixed` -> `notify` ->
     read_mode     mode = self.mode
     act           IN_GUEST: write_ie (immediate_exit = 1) then signal (pthread_kill:
                   lost unless the target is inside the KVM_RUN syscall);
-                  BLOCKED: wake (self.wake.set())
+                  BLOCKED: wake (self.wake.set()); POLLING: nothing (the poller
+                  watches request_event). A sender that is a vCPU thread posts the
+                  signal or wake and sends it at its own next entry
+                  (`send_posted_kicks`): a later step of the same sender, which the
+                  search already places anywhere after read_mode. A posted signal is
+                  dropped if the target is no longer IN_GUEST by then (it left KVM_RUN
+                  after the request was published, so its loop top sees the request).
 
 The guest is always interruptible (IF=1, TPR 0) and each sender sends one fixed IPI.
 KVM writes `ready_for_interrupt_injection` (queued slot empty) on every return from
@@ -54,6 +68,7 @@ from dataclasses import dataclass, field
 OUTSIDE = "OUTSIDE_GUEST"
 IN_GUEST = "IN_GUEST"
 BLOCKED = "BLOCKED"
+POLLING = "POLLING"
 RUNNABLE = "RUNNABLE"
 HALTED = "HALTED"
 
@@ -85,13 +100,20 @@ class Config:
     mode_in_guest_before_recheck: bool = True
     recheck: bool = True
     clear_immediate_exit: bool = True
+    # where a stale immediate_exit is cleared before entry: "top" (the loop top, before
+    # request_event is cleared), "late" (after the re-check: a mutation), or "never"
+    stale_ie_clear: str = "top"
     check_before_wait: bool = True
+    halt_polling: bool = True  # explore halts that poll first (and ones that do not)
+    poll_clear_before_check: bool = True
+    poll_recheck: bool = True
     ready_cleared_after_interrupt: bool = False  # the fix for the double KVM_INTERRUPT
     # sender side
     publish_before_request: bool = True
     read_mode_after_publish: bool = True
     write_immediate_exit: bool = True
     send_signal: bool = True
+    signal_only_if_in_guest: bool = True  # the posted signal re-reads the mode
     wake_blocked: bool = True
 
 
@@ -120,6 +142,9 @@ def target_program(cfg: Config) -> list[Step]:
 
     def loop_top(s: State):
         return None if s["vstate"] == RUNNABLE else "block_clear"
+
+    def top_clear_ie(s: State):
+        s["immediate_exit"] = 0
 
     def clear_request(s: State):
         s["request_event"] = False
@@ -155,6 +180,8 @@ def target_program(cfg: Config) -> list[Step]:
         return "loop_top"
 
     def syscall(s: State):
+        if cfg.stale_ie_clear == "late":
+            s["immediate_exit"] = 0  # the mutation: cleared after the re-check
         s["in_kernel"] = True
 
     def kvm_entry(s: State):
@@ -214,6 +241,43 @@ def target_program(cfg: Config) -> list[Step]:
 
     def block_clear(s: State):
         s["wake"] = False
+        return None if cfg.halt_polling else "block_mode"
+
+    def poll_choice(s: State):
+        return ("poll_mode", "block_mode")
+
+    def poll_mode(s: State):
+        s["mode"] = POLLING
+        return None if cfg.poll_clear_before_check else "poll_check"
+
+    def poll_clear(s: State):
+        s["request_event"] = False
+        return None if cfg.poll_clear_before_check else "poll_watch"
+
+    def poll_check(s: State):
+        if cfg.poll_recheck and _pending_vector(s) is not None:
+            s["vstate"] = RUNNABLE
+            s["mode"] = OUTSIDE
+            return "loop_top"
+        return None if cfg.poll_clear_before_check else "poll_clear"
+
+    def poll_watch(s: State):
+        if s["request_event"]:
+            return "poll_again"
+        return ("poll_spin", "poll_end")
+
+    def poll_spin(s: State):
+        return "poll_again" if s["request_event"] else WAIT
+
+    def poll_again(s: State):
+        if not cfg.poll_recheck and _pending_vector(s) is not None:
+            s["vstate"] = RUNNABLE  # without the re-check, only a request ends the poll
+            s["mode"] = OUTSIDE
+            return "loop_top"
+        return "poll_clear" if cfg.poll_clear_before_check else "poll_check"
+
+    def poll_end(s: State):
+        s["mode"] = OUTSIDE
 
     def block_mode(s: State):
         s["mode"] = BLOCKED
@@ -241,6 +305,8 @@ def target_program(cfg: Config) -> list[Step]:
     inject = f"{V}._inject_pending_events"
     run = f"{V}.run"
     block = f"{V}._block_until_runnable"
+    poll = f"{V}._poll_halt"
+    sleep = f"{V}._sleep_until_runnable"
     kvm = None
     clear = Step("clear_request", (run_loop, "self.request_event = False"), clear_request)
     reads = [
@@ -251,6 +317,9 @@ def target_program(cfg: Config) -> list[Step]:
     publish = Step("in_guest", (run_loop, "self.mode = VcpuMode.IN_GUEST"), in_guest)
     check = Step("recheck", (run_loop, "if self.request_event or machine.stopping"), recheck)
     steps = [Step("loop_top", (run_loop, "if self.state is not VcpuState.RUNNABLE:"), loop_top)]
+    if cfg.stale_ie_clear == "top":
+        steps.append(Step("top_clear_ie", (run_loop, "u8[kr.IMMEDIATE_EXIT] = 0"),
+                          top_clear_ie))
     steps += [clear, *reads] if cfg.clear_request_before_inject else [*reads, clear]
     if not cfg.recheck:
         steps += [publish, Step("recheck", None, lambda s: "syscall")]
@@ -272,12 +341,20 @@ def target_program(cfg: Config) -> list[Step]:
         Step("clear_ie", (run, "self.view.u8[kr.IMMEDIATE_EXIT] = 0"), clear_ie),
         Step("dispatch", (run_loop, "handle_exit(self, exit, fp)"), dispatch),
         Step("block_clear", (block, "self.wake.clear()"), block_clear),
-        Step("block_mode", (block, "self.mode = VcpuMode.BLOCKED"), block_mode),
-        Step("block_check", (block, "elif self._wakeup_pending():"), block_check),
-        Step("block_runnable", (block, "self.state = VcpuState.RUNNABLE"), block_runnable),
-        Step("block_wait", (block, "self.wake.wait(timeout)"), block_wait),
-        Step("block_reclear", (block, "self.wake.clear()"), block_reclear),
-        Step("block_leave", (block, "self.mode = VcpuMode.OUTSIDE_GUEST"), block_leave),
+        Step("poll_choice", (block, "machine.may_poll()"), poll_choice),
+        Step("poll_mode", (poll, "self.mode = VcpuMode.POLLING"), poll_mode),
+        Step("poll_clear", (poll, "self.request_event = False"), poll_clear),
+        Step("poll_check", (poll, "if self._wakeup_pending():"), poll_check),
+        Step("poll_watch", (poll, "while not self.request_event:"), poll_watch),
+        Step("poll_spin", None, poll_spin),
+        Step("poll_again", None, poll_again),
+        Step("poll_end", (poll, "self.mode = VcpuMode.OUTSIDE_GUEST"), poll_end),
+        Step("block_mode", (sleep, "self.mode = VcpuMode.BLOCKED"), block_mode),
+        Step("block_check", (sleep, "elif self._wakeup_pending():"), block_check),
+        Step("block_runnable", (sleep, "self.state = VcpuState.RUNNABLE"), block_runnable),
+        Step("block_wait", (sleep, "self.wake.wait(timeout)"), block_wait),
+        Step("block_reclear", (sleep, "self.wake.clear()"), block_reclear),
+        Step("block_leave", (sleep, "self.mode = VcpuMode.OUTSIDE_GUEST"), block_leave),
     ]
     return steps
 
@@ -307,6 +384,8 @@ def sender_program(cfg: Config, me: str, vector: int) -> list[Step]:
             s["immediate_exit"] = 1
 
     def send_signal(s: State):
+        if cfg.signal_only_if_in_guest and s["mode"] != IN_GUEST:
+            return "done"  # it left KVM_RUN since: its loop top sees the request
         if cfg.send_signal and s["in_kernel"]:
             s["signal"] = True  # otherwise the handler runs in userspace: no effect
         return "done"
@@ -329,7 +408,7 @@ def sender_program(cfg: Config, me: str, vector: int) -> list[Step]:
         *first,
         Step("act", (kick, "if mode == VcpuMode.IN_GUEST:"), act),
         Step("write_ie", (kick, "self.view.u8[kr.IMMEDIATE_EXIT] = 1"), write_ie),
-        Step("signal", (kick, "signal.pthread_kill(self.thread_ident, KICK_SIGNAL)"),
+        Step("signal", (f"{V}.send_posted_kicks", "if target.mode == VcpuMode.IN_GUEST:"),
              send_signal),
         Step("wake", (kick, "self.wake.set()"), wake),
         Step("done", None, done),
@@ -414,7 +493,7 @@ class Model:
 
     def final_problem(self, s: State) -> str | None:
         """At a state where nothing can move: is the outcome wrong?"""
-        parked = self.label(s, "target") in ("guest_spin", "block_wait")
+        parked = self.label(s, "target") in ("guest_spin", "block_wait", "poll_spin")
         if not parked or any(self.label(s, t) != "done" for t in self.threads if t != "target"):
             return "deadlock"
         if s["overwritten"]:

@@ -13,6 +13,7 @@ import mmap
 from dataclasses import dataclass
 
 PAGE_SIZE = 4096
+_libc = ctypes.CDLL(None, use_errno=True)
 PCI_HOLE_START = 0xC000_0000  # 3 GiB: the xAPIC page, IOAPIC and PCI MMIO live above it
 HIGH_RAM_START = 0x1_0000_0000
 
@@ -105,6 +106,23 @@ class GuestMemory:
                 break
             out += b
         return bytes(out)
+
+    def flush_page(self, gpa: int) -> bool:
+        """Make KVM drop its mapping of guest page ``gpa`` so that the guest's next access
+        faults it back in (QEMU's pc-testdev test_flush_page). QEMU mprotects the page
+        PROT_NONE and back; here the page gains PROT_EXEC and loses it again: mprotect
+        sends the same MMU-notifier invalidation (MMU_NOTIFY_PROTECTION_VMA) and the page
+        never becomes inaccessible, so another vCPU touching it meanwhile cannot make
+        KVM_RUN fail with EFAULT. False if ``gpa`` is not RAM."""
+        gpa &= ~(PAGE_SIZE - 1)
+        if not self.is_ram(gpa, PAGE_SIZE):
+            return False
+        region = self._region(gpa, PAGE_SIZE)
+        addr = ctypes.c_void_p(region.host_address + gpa - region.gpa)
+        rw = mmap.PROT_READ | mmap.PROT_WRITE
+        _libc.mprotect(addr, PAGE_SIZE, rw | mmap.PROT_EXEC)
+        _libc.mprotect(addr, PAGE_SIZE, rw)
+        return True
 
     def close(self) -> None:
         for region in self.regions:

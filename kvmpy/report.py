@@ -35,3 +35,8 @@ def print_exit_table(stats: ExitStats, file: TextIO | None = None) -> None:
     console.print(exit_table(stats))
     console.print(f"ICR writes: {stats.icr_fast} on the fastpath, {stats.icr_slow} on the "
                   f"slow path; delivery failures: {stats.delivery_failures}")
+    halts = stats.halt_poll_success + stats.halt_slept
+    if halts:
+        console.print(f"Halts: {halts}, {stats.halt_poll_success} ended while polling "
+                      f"({100 * stats.halt_poll_success / halts:.0f}%), "
+                      f"{stats.halt_slept} slept")

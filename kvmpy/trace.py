@@ -93,8 +93,15 @@ class ExitStats:
         self.icr_slow = 0
         self.icr_fast_time = Histogram()  # handling time of ICR-write exits, per path
         self.icr_slow_time = Histogram()
-        self.kick_time = Histogram()  # a sender's pthread_kill of this (in-guest) vCPU
+        # A sender's pthread_kill of this (in-guest) vCPU, and its wake-up of this
+        # (blocked) vCPU. A kick that exit handling posts is sent at the sender's next
+        # entry, so it is timed here and not in the exit's handling time.
+        self.kick_time = Histogram()
+        self.wake_time = Histogram()
         self.smi_dropped = 0
+        # Halts: how many ended inside the polling window (no sleep), how many slept.
+        self.halt_poll_success = 0
+        self.halt_slept = 0
 
     def count_msr(self, op: str, index: int) -> None:
         table = self.msr_accesses
@@ -119,7 +126,10 @@ class ExitStats:
         self.icr_fast_time.merge(other.icr_fast_time)
         self.icr_slow_time.merge(other.icr_slow_time)
         self.kick_time.merge(other.kick_time)
+        self.wake_time.merge(other.wake_time)
         self.smi_dropped += other.smi_dropped
+        self.halt_poll_success += other.halt_poll_success
+        self.halt_slept += other.halt_slept
 
 
 @dataclass(frozen=True)

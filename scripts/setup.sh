@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(gcc binutils libc6-dev linux-libc-dev make)
+# linux-perf: `kvmpy bench ipi --breakdown` records the scheduler's and KVM's tracepoints.
+debs=(gcc binutils libc6-dev linux-libc-dev make linux-perf)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

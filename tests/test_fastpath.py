@@ -139,6 +139,9 @@ class FakeVcpu:
     def halt(self) -> None:
         self.halts += 1
 
+    def wakeup_pending_at_hlt(self) -> bool:
+        return self.apic.halt_ends_at_once(bool(self.view.u8[kr.IF_FLAG]))
+
 
 def fast(vcpu: FakeVcpu, exit: Exit) -> Fastpath:
     """handle_exit_irqoff with the exit lock armed to fail, and its result type checked."""
@@ -558,3 +561,103 @@ def test_vcpu_run_returns_the_exit_and_stores_nothing():
     assert after.pop("mode") is vcpu_module.VcpuMode.OUTSIDE_GUEST
     before.pop("mode")
     assert after == before, "run() stored something on the vCPU"
+
+
+# ---------------------------------------------------------------- EOI and HLT fastpaths
+
+
+def _in_service(apic, vector: int, *, level: bool = False) -> None:
+    """Make ``vector`` pending, then accepted by the CPU (IRR -> ISR)."""
+    assert apic.accept_fixed(vector, level)
+    assert apic.pending_vector() == vector
+    apic.ack(vector)
+
+
+def test_x2apic_eoi_of_an_edge_vector_completes_on_the_fastpath():
+    system, vcpu = x2apic_vcpu()
+    apic = system[0]
+    _in_service(apic, 0x50)
+    _in_service(apic, 0x60)  # nested: EOI clears the highest ISR bit first
+    assert apic.ppr == 0x60
+    assert fast(vcpu, wrmsr(0x80B, 0)) is Fastpath.REENTER_GUEST
+    assert not apic.isr[0x60] and apic.isr[0x50] and apic.ppr == 0x50
+    assert run_exit(vcpu, wrmsr(0x80B, 0)) is Fastpath.REENTER_GUEST
+    assert apic.isr.rfind(1) < 0 and apic.ppr == 0
+
+
+def test_x2apic_eoi_that_would_gp_or_is_level_goes_to_the_slow_path_untouched():
+    system, vcpu = x2apic_vcpu()
+    apic = system[0]
+    _in_service(apic, 0x50)
+    assert fast(vcpu, wrmsr(0x80B, 1)) is Fastpath.NONE  # nonzero EOI: #GP
+    assert apic.isr[0x50]
+    run_exit(vcpu, wrmsr(0x80B, 1))
+    assert vcpu.view.u8[kr.MSR_ERROR] == 1 and apic.isr[0x50]
+    levels: list[int] = []
+    apic.on_level_eoi = levels.append
+    _in_service(apic, 0x70, level=True)
+    assert fast(vcpu, wrmsr(0x80B, 0)) is Fastpath.NONE  # TMR set: broadcast on the slow path
+    assert apic.isr[0x70] and levels == []
+    assert run_exit(vcpu, wrmsr(0x80B, 0)) is Fastpath.NONE
+    assert not apic.isr[0x70] and levels == [0x70]
+
+
+def test_eoi_with_nothing_in_service_and_with_the_fastpath_off_is_not_fast():
+    system, vcpu = x2apic_vcpu()
+    assert fast(vcpu, wrmsr(0x80B, 0)) is Fastpath.NONE
+    system, vcpu = x2apic_vcpu(fastpath=False)
+    _in_service(system[0], 0x50)
+    assert fast(vcpu, wrmsr(0x80B, 0)) is Fastpath.NONE and system[0].isr[0x50]
+
+
+def test_xapic_mmio_eoi_completes_on_the_fastpath():
+    system, vcpu = xapic_vcpu()
+    apic = system[0]
+    _in_service(apic, 0x41)
+    exit = mmio_write(vcpu, c.APIC_DEFAULT_BASE + 0xB0, 4, 0)
+    assert fast(vcpu, exit) is Fastpath.REENTER_GUEST
+    assert not apic.isr[0x41]
+    _in_service(apic, 0x41)
+    narrow = mmio_write(vcpu, c.APIC_DEFAULT_BASE + 0xB0, 2, 0)  # not a 32-bit access
+    assert fast(vcpu, narrow) is Fastpath.NONE and apic.isr[0x41]
+
+
+HLT = Exit((k.KVM_EXIT_HLT, 0, 0, 0))
+
+
+@pytest.mark.parametrize(("if_flag", "event", "expected"), [
+    (1, "irq", Fastpath.REENTER_GUEST),
+    (0, "irq", Fastpath.EXIT_HANDLED),  # cli; hlt: a maskable interrupt does not end it
+    (0, "nmi", Fastpath.REENTER_GUEST),
+    (1, None, Fastpath.EXIT_HANDLED),
+])
+def test_hlt_fastpath_reenters_only_when_the_halt_is_already_over(if_flag, event, expected):
+    system, vcpu = x2apic_vcpu()
+    apic = system[0]
+    vcpu.view.u8[kr.IF_FLAG] = if_flag
+    if event == "irq":
+        apic.accept_fixed(0x40, False)
+    elif event == "nmi":
+        apic.accept_nmi()
+    assert run_exit(vcpu, HLT) is expected
+    assert vcpu.halts == (expected is Fastpath.EXIT_HANDLED)
+    assert apic.irr[0x40] == (event == "irq")  # the fastpath injects nothing itself
+
+
+def test_hlt_with_the_fastpath_off_halts_through_the_dispatch():
+    system, vcpu = x2apic_vcpu(fastpath=False)
+    vcpu.view.u8[kr.IF_FLAG] = 1
+    system[0].accept_fixed(0x40, False)
+    assert fast(vcpu, HLT) is Fastpath.NONE
+    assert run_exit(vcpu, HLT) is Fastpath.NONE and vcpu.halts == 1
+
+
+def test_an_nmi_dropped_by_init_does_not_end_a_later_halt():
+    system, vcpu = x2apic_vcpu()
+    apic = system[0]
+    apic.accept_nmi()
+    apic.accept_init()
+    assert apic.take_init()  # INIT drops the pending NMI (SDM 10.4.7.3)
+    vcpu.view.u8[kr.IF_FLAG] = 0
+    assert not apic.halt_ends_at_once(False)
+    assert run_exit(vcpu, HLT) is Fastpath.EXIT_HANDLED and vcpu.halts == 1

@@ -57,6 +57,12 @@ def test_the_fuzzer_really_exercised_kvmpy(results: list[FuzzResult]) -> None:
     for event in ("mode_disabled", "mode_xapic", "mode_x2apic", "gp", "timer_fired"):
         assert s.apic_events[event] > 0, s.apic_events
     assert s.must_fail is False
+    # The I/O APIC: window, entries and lines fuzzed, every oracle held (ioapic_bad is in
+    # the guest's exit status too), and lines met programmed entries.
+    assert s.ioapic_ops > 0 and all(r.counters["ioapic_bad"] == 0 for r in results)
+    for event in ("index_out_of_range", "eoi_register", "mmio_write_ignored"):
+        assert s.ioapic_events[event] > 0, s.ioapic_events
+    assert s.ioapic_events["delivered"] + s.ioapic_events["masked"] > 0, s.ioapic_events
     # Every interrupt kvmpy injected reached a guest handler, none more.
     assert s.interrupts == s.apic_events["injected"]
 

@@ -84,8 +84,14 @@ MUTATIONS = {
         replace(BASE, wake_blocked=False), "lost interrupt"),
     "halted target waits before checking for pending events": (
         replace(BASE, check_before_wait=False), "lost interrupt"),
-    "target never clears immediate_exit after EINTR": (
-        replace(BASE, clear_immediate_exit=False), "livelock"),
+    "poller re-checks before clearing request_event": (
+        replace(BASE, poll_clear_before_check=False), "lost interrupt"),
+    "poller does not re-check pending events after mode = POLLING": (
+        replace(BASE, poll_recheck=False), "lost interrupt"),
+    "stale immediate_exit cleared after the re-check instead of at the loop top": (
+        replace(BASE, stale_ie_clear="late"), "lost interrupt"),
+    "target never clears immediate_exit (neither after EINTR nor at the loop top)": (
+        replace(BASE, clear_immediate_exit=False, stale_ie_clear="never"), "livelock"),
 }
 
 
@@ -140,7 +146,8 @@ def test_model_steps_quote_the_source_in_order():
 
 CALL_ORDER = [  # statements the model's step order relies on, in source order
     ("kvmpy.vcpu:Vcpu.run_loop", [
-        "self.request_event = False", "self._inject_pending_events()",
+        "u8[kr.IMMEDIATE_EXIT] = 0", "self.request_event = False",
+        "self._inject_pending_events()",
         "self.mode = VcpuMode.IN_GUEST", "if self.request_event or machine.stopping",
         "exit = self.run()", "fp = handle_exit_irqoff(self, exit)"]),
     ("kvmpy.vcpu:Vcpu.run", [
@@ -152,8 +159,15 @@ CALL_ORDER = [  # statements the model's step order relies on, in source order
     ("kvmpy.machine:Machine._notify_vcpu", ["self.vcpus[index].kick()"]),
     ("kvmpy.vcpu:Vcpu.kick", [
         "self.request_event = True", "mode = self.mode", "if mode == VcpuMode.IN_GUEST:",
-        "self.view.u8[kr.IMMEDIATE_EXIT] = 1", "signal.pthread_kill",
+        "self.view.u8[kr.IMMEDIATE_EXIT] = 1", "self.signal_kick()",
         "elif mode == VcpuMode.BLOCKED:", "self.wake.set()"]),
+    ("kvmpy.vcpu:Vcpu.signal_kick", ["signal.pthread_kill"]),
+    ("kvmpy.vcpu:Vcpu.send_posted_kicks", ["if target.mode == VcpuMode.IN_GUEST:",
+                                           "target.signal_kick()"]),
+    # A posted kick is sent before the poster's own KVM_RUN and before it sleeps.
+    ("kvmpy.vcpu:Vcpu.run_loop", ["self.send_posted_kicks()", "exit = self.run()"]),
+    ("kvmpy.vcpu:Vcpu._block_until_runnable", ["self.send_posted_kicks()",
+                                                "self.wake.clear()"]),
 ]
 
 
@@ -181,6 +195,10 @@ class LoopMachine:
         self.exit_lock = threading.Lock()
         self.timers = _Timers()
         self.vcpus: list[Vcpu] = []
+        self.halt_poll_max_ns = 0  # the replays below sleep; tests/test_vcpu_halt.py polls
+
+    def may_poll(self) -> bool:
+        return False
 
     on_init = machine_module.Machine.on_init
     poll_sipi = machine_module.Machine.poll_sipi

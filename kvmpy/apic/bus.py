@@ -22,11 +22,16 @@ Choices where the SDM leaves room (each documented in the function that makes it
   ID through the writable ID register) reaches every APIC with that ID, as each
   compares the destination with its own ID (SDM 10.6.2.1; KVM without its 32-bit
   x2APIC-ID quirk); a lowest-priority one goes to the first of them.
+
+The bus also carries I/O APIC messages (``deliver_irq``, KVM's kvm_irq_delivery_to_apic
+with no source APIC) and the local APICs' EOI broadcasts for level-triggered vectors
+back to the I/O APICs (``broadcast_eoi`` -> ``eoi_listeners``, SDM 10.8.5).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .constants import (
     DM_EXTINT,
@@ -36,6 +41,7 @@ from .constants import (
     DM_NMI,
     DM_RESERVED3,
     DM_SIPI,
+    DM_SMI,
     ESR_SEND_ILLEGAL_VECTOR,
     ICR_DEST_LOGICAL,
     ICR_DM_MASK,
@@ -51,6 +57,9 @@ from .destination import is_broadcast, match_logical, match_physical
 from .lapic import LocalApic
 from .mode import ApicMode
 
+if TYPE_CHECKING:
+    from kvmpy.tracing.recorder import Tracer
+
 _DISABLED = ApicMode.DISABLED
 _X2APIC = ApicMode.X2APIC
 # ICR bits that send an IPI off the hot route: a delivery mode other than fixed, logical
@@ -65,10 +74,15 @@ class ApicBus:
     def __init__(self, notify: Callable[[int], None]) -> None:
         self.notify = notify
         self.apics: list[LocalApic] = []
-        # Set (for good) once software moves an xAPIC ID off kvmpy's numbering (ID =
-        # index): from then on physical IPIs take the general route, which finds every
-        # APIC with the destination ID, aliases included.
-        self.xapic_ids_changed = False
+        # Set (for good) once an APIC's ID is not its index (kvmpy's numbering): added
+        # so, or software moved an xAPIC ID. From then on physical IPIs take the general
+        # route, which finds every APIC with the destination ID, aliases included.
+        self.renumbered = False
+        # kvmpy.tracing.Tracer, or None: told of each IPI before it is published.
+        self.tracer: Tracer | None = None
+        # Called with the vector of every EOI of a level-triggered interrupt (the I/O
+        # APICs' EOI input); runs on the EOI-ing vCPU's thread.
+        self.eoi_listeners: list[Callable[[int], None]] = []
 
     def add(self, apic: LocalApic) -> None:
         """Attach ``apic``; its ``index`` becomes its position in ``apics``."""
@@ -80,6 +94,16 @@ class ApicBus:
             raise ValueError(f"duplicate APIC ID {apic.apic_id}")
         apic.index = len(self.apics)
         self.apics.append(apic)
+        if apic.apic_id != apic.index:
+            self.renumbered = True
+        if apic.on_level_eoi is None:
+            apic.on_level_eoi = self.broadcast_eoi
+
+    def broadcast_eoi(self, vector: int) -> None:
+        """A local APIC EOI'd level-triggered ``vector``: tell every I/O APIC (SDM 10.8.5;
+        the version register offers no EOI-broadcast suppression)."""
+        for listener in self.eoi_listeners:
+            listener(vector)
 
     # ------------------------------------------------------------------ routing
     def send_ipi(self, source: LocalApic, icr_low: int, dest: int) -> None:
@@ -90,7 +114,7 @@ class ApicBus:
         # shorthand, to the APIC whose ID is its index (kvmpy's numbering). No Counter,
         # no scan; anything else (or an APIC whose ID software changed) goes the general
         # way below.
-        if not icr_low & _GENERAL_ROUTE_BITS and icr_low & 0xF0 and not self.xapic_ids_changed:
+        if not icr_low & _GENERAL_ROUTE_BITS and icr_low & 0xF0 and not self.renumbered:
             apics = self.apics
             if dest < len(apics):
                 target = apics[dest]
@@ -98,6 +122,8 @@ class ApicBus:
                 if mode is not _DISABLED and dest == (
                         target.apic_id if mode is _X2APIC else target.xapic_id):
                     source.ipis_sent += 1
+                    if self.tracer is not None:
+                        self.tracer.send(target, DM_FIXED, icr_low & 0xFF)
                     if target.accept_fixed(icr_low & 0xFF, False):
                         self.notify(target.index)
                     return
@@ -130,7 +156,7 @@ class ApicBus:
         logical = icr_low & ICR_DEST_LOGICAL
         broadcast = shorthand != SH_NONE or is_broadcast(dest, source.mode)
         if not broadcast and not logical:
-            if self.xapic_ids_changed and dm != DM_LOWEST:
+            if self.renumbered and dm != DM_LOWEST:
                 hit = False
                 for target in self.apics:
                     if target.mode is not _DISABLED and match_physical(target, dest):
@@ -194,6 +220,8 @@ class ApicBus:
 
     def _deliver(self, target: LocalApic, dm: int, vector: int) -> None:
         """Publish the event in ``target``, then notify (the order the kick relies on)."""
+        if self.tracer is not None:
+            self.tracer.send(target, dm, vector)
         if dm == DM_FIXED or dm == DM_LOWEST:
             if not target.accept_fixed(vector, False):
                 return
@@ -206,3 +234,51 @@ class ApicBus:
         else:
             target.accept_smi()
         self.notify(target.index)
+
+    # ------------------------------------------------------------------ I/O APIC messages
+    def deliver_irq(self, vector: int, dm: int, dest: int, logical: bool, level: bool) -> int:
+        """Deliver an I/O APIC message (KVM's kvm_irq_delivery_to_apic with no source):
+        delivery mode ``dm`` (fixed, lowest priority, SMI, NMI or INIT; the caller drops
+        the others), 8-bit destination ``dest`` in physical or ``logical`` mode, trigger
+        ``level`` (sets the TMR bit of a fixed/lowest vector, SDM 10.8.4).
+
+        Matching is per target as for IPIs, except that 0xFF addresses every APIC, x2APIC
+        ones too (KVM's kvm_apic_mda). Lowest priority arbitrates among the matching
+        APICs as ``_lowest_priority``. Returns how many APICs accepted the message: a
+        fixed/lowest vector refused (APIC software-disabled, or vector 0-15, which logs
+        ESR bit 6 as any received illegal vector) does not count."""
+        broadcast = dest == 0xFF
+        if dm == DM_LOWEST:
+            if broadcast or logical:
+                target = self._lowest_priority(vector, dest, broadcast, None)
+            else:
+                target = self._physical_target(dest)
+            if target is None:
+                return 0
+            return self._accept_irq(target, DM_FIXED, vector, level)
+        accepted = 0
+        for target in self.apics:
+            if target.mode is _DISABLED:
+                continue
+            if broadcast or (match_logical(target, dest) if logical
+                             else match_physical(target, dest)):
+                accepted += self._accept_irq(target, dm, vector, level)
+        return accepted
+
+    def _accept_irq(self, target: LocalApic, dm: int, vector: int, level: bool) -> int:
+        """Publish one I/O APIC message in ``target``, notify it; 1 if accepted."""
+        if dm == DM_FIXED or dm == DM_LOWEST:
+            if target.accept_fixed(vector, level):
+                self.notify(target.index)
+                return 1 if vector >= 16 else 0  # else only the LVT error interrupt
+            return 0
+        if dm == DM_NMI:
+            target.accept_nmi()
+        elif dm == DM_INIT:
+            target.accept_init()
+        elif dm == DM_SMI:
+            target.accept_smi()
+        else:
+            return 0
+        self.notify(target.index)
+        return 1

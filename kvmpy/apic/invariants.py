@@ -13,8 +13,13 @@ check is a second opinion, not a copy. Used by the property tests and the guest 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .lapic import LocalApic
 from .mode import ApicMode
+
+if TYPE_CHECKING:
+    from .ioapic import IoApic
 
 # IA32_APIC_BASE (SDM 10.4.4, Figure 10-5; EXTD SDM 10.12.1).
 _BASE_BSP, _BASE_EXTD, _BASE_EN = 1 << 8, 1 << 10, 1 << 11
@@ -224,3 +229,43 @@ def check_invariants(apic: LocalApic, *, architectural_acks: bool = True) -> Non
         check_isr_classes(apic)
     check_apic_base(apic)
     check_register_view(apic)
+
+
+# ---- the I/O APIC (82093AA datasheet section 3; kvmpy's choices in ioapic.py) --------
+_IOAPIC_PINS = 24
+_IOAPIC_VERSION = 0x20 | (_IOAPIC_PINS - 1) << 16  # version 0x20, max entry 23
+_RTE_DELIVERY_STATUS, _RTE_REMOTE_IRR, _RTE_LEVEL = 1 << 12, 1 << 14, 1 << 15
+
+
+def check_ioapic_invariants(ioapic: IoApic) -> None:
+    """What a guest reads from the I/O APIC agrees with the datasheet: ID in bits 27:24
+    only, arbitration = ID, the version constant; every entry 64 bits
+    with delivery status 0 and remote IRR only on a level-triggered entry (an entry
+    rewritten to another delivery mode keeps it, as in QEMU and KVM); 24 input pins.
+    Reads through ``read_register`` (no side effect on IOREGSEL). Raises AssertionError
+    naming the register."""
+
+    def fail(what: str) -> AssertionError:
+        return AssertionError(f"{ioapic!r}: {what}")
+
+    if not 0 <= ioapic.ioregsel <= 0xFF:
+        raise fail(f"IOREGSEL {ioapic.ioregsel:#x} is not 8 bits")
+    reg_id = ioapic.read_register(0)
+    if reg_id & ~0x0F000000:
+        raise fail(f"ID register {reg_id:#x}: bits outside 27:24")
+    if ioapic.read_register(2) != reg_id:
+        raise fail(f"arbitration {ioapic.read_register(2):#x} != ID {reg_id:#x}")
+    if ioapic.read_register(1) != _IOAPIC_VERSION:
+        raise fail(f"version {ioapic.read_register(1):#x} != {_IOAPIC_VERSION:#x}")
+    if ioapic.lines >> _IOAPIC_PINS:
+        raise fail(f"input lines {ioapic.lines:#x} beyond pin 23")
+    for pin in range(_IOAPIC_PINS):
+        low = ioapic.read_register(0x10 + 2 * pin)
+        high = ioapic.read_register(0x11 + 2 * pin)
+        if not (0 <= low <= 0xFFFFFFFF and 0 <= high <= 0xFFFFFFFF):
+            raise fail(f"entry {pin}: halves {high:#x}:{low:#x} not 32 bits")
+        if low & _RTE_DELIVERY_STATUS:
+            raise fail(f"entry {pin} {low:#x}: delivery status set (delivery is instant)")
+        if low & _RTE_REMOTE_IRR:
+            if not low & _RTE_LEVEL:
+                raise fail(f"entry {pin} {low:#x}: remote IRR on an edge entry")

@@ -85,6 +85,10 @@ class LocalApic:
         # Called with the vector on the EOI of a level-triggered interrupt (TMR set):
         # the VMM may forward it to the IOAPIC (SDM 10.8.5). Runs on the owner's thread.
         self.on_level_eoi: Callable[[int], None] | None = None
+        # Tracing hooks (kvmpy.tracing), owner's thread: the vector an EOI cleared, and
+        # (vector, deadline) when the timer puts its vector in IRR.
+        self.on_eoi: Callable[[int], None] | None = None
+        self.on_timer_irq: Callable[[int, int], None] | None = None
 
         self.irr = bytearray(256)
         self.isr = bytearray(256)
@@ -406,7 +410,7 @@ class LocalApic:
         elif offset == c.REG_ID:
             self.xapic_id = value >> 24  # xAPIC ID is software-writable (SDM 10.4.6)
             if self.xapic_id != self.apic_id & 0xFF:
-                self.bus.xapic_ids_changed = True  # IDs may alias: see ApicBus.send_ipi
+                self.bus.renumbered = True  # IDs may alias: see ApicBus.send_ipi
         elif offset == c.REG_LDR:
             self.ldr = value & 0xFF000000
         elif offset == c.REG_DFR:
@@ -514,6 +518,8 @@ class LocalApic:
             return False
         self._stats["self_ipi"] += 1
         self._stats["ipi_sent"] += 1
+        if self.bus.tracer is not None:
+            self.bus.tracer.send(self, c.DM_FIXED, value)
         if self.accept_fixed(value, False):
             self.bus.notify(self.index)
         return True
@@ -575,6 +581,14 @@ class LocalApic:
             return True
         return self.pending_vector() is not None
 
+    def halt_ends_at_once(self, if_flag: bool) -> bool:
+        """Cheap, for the HLT fastpath: would a HLT executed now end at once? An NMI or
+        INIT ends it; a maskable interrupt only if IF=1 (SDM Vol. 2A, HLT). False means
+        "go and block", where the full check runs again."""
+        if self.init_pending or (self._nmi_flag and self.nmi_pending):
+            return True
+        return if_flag and self.pending_vector() is not None
+
     def pending_vector(self) -> int | None:
         """Highest IRR vector deliverable now: its priority class (vector[7:4]) must be
         above PPR[7:4] (SDM 10.8.3.1), and the APIC software-enabled."""
@@ -597,13 +611,31 @@ class LocalApic:
         if vector < 0:
             self._stats["eoi_without_isr"] += 1
             return
-        self.isr[vector] = 0
-        self._update_ppr()
-        self._stats["eoi"] += 1
+        self._end_of_interrupt(vector)
         if self.tmr[vector]:
             self._stats["eoi_level"] += 1
             if self.on_level_eoi is not None:
                 self.on_level_eoi(vector)
+
+    def eoi_fast(self) -> bool:
+        """The EOI fastpath (a zero write to x2APIC EOI or xAPIC EOI, the caller checks
+        the value): EOI an edge-triggered vector and return True; False, with no side
+        effect, when the EOI must take the slow path: not enabled, or the highest ISR
+        vector is level-triggered (TMR set: the EOI is broadcast to the I/O APICs,
+        SDM 10.8.5), or no vector is in service (counted there)."""
+        vector = self.isr.rfind(1)
+        if vector < 0 or self.tmr[vector] or self.mode is _DISABLED:
+            return False
+        self._end_of_interrupt(vector)
+        return True
+
+    def _end_of_interrupt(self, vector: int) -> None:
+        """Both EOI paths: clear ISR bit ``vector``, update PPR, count, trace."""
+        self.isr[vector] = 0
+        self._update_ppr()
+        self._stats["eoi"] += 1
+        if self.on_eoi is not None:
+            self.on_eoi(vector)
 
     def take_nmi(self) -> bool:
         """Consume one pending NMI (the VMM injects each with KVM_NMI, and KVM itself
@@ -710,6 +742,7 @@ class LocalApic:
         """If the timer is due at ``now_ns``: set the LVT timer vector in IRR unless the
         entry is masked (a masked timer still counts, SDM 10.5.1), rearm a periodic
         timer, and return True. The caller wakes the owner vCPU if needed."""
+        deadline = self.timer.deadline_ns if self.on_timer_irq is not None else 0
         if not self.timer.expire(now_ns):
             return False
         lvt = self._lvt[c.LVT_TIMER]
@@ -723,6 +756,8 @@ class LocalApic:
         else:
             self.tmr[vector] = 0
             self.irr[vector] = 1
+            if self.on_timer_irq is not None:
+                self.on_timer_irq(vector, deadline or 0)
         return True
 
     def __repr__(self) -> str:

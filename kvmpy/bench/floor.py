@@ -244,14 +244,19 @@ def run_c(binary: Path, n: int, *, memory: int = MEMORY) -> RunSample:
 
 
 def run_kvmpy(n: int, *, fastpath: bool, memory: int = MEMORY,
-              record_time: bool = True) -> RunSample:
+              record_time: bool = True, traced: bool = False) -> RunSample:
     """Run the n-iteration guest on a 1-vCPU kvmpy Machine (its defaults otherwise).
     With `record_time=False` the exit statistics keep counts only: the difference to
-    the timed run is what recording handling times costs."""
+    the timed run is what recording handling times costs. With `traced`, the run is
+    traced as `kvmpy run --trace` does (default ring size; nothing is exported)."""
     config = MachineConfig(cpus=1, memory=memory, serial=io.BytesIO(), fastpath=fastpath,
                            record_time=record_time)
     with Machine(config) as machine:
         machine.load(guest_image(n), flat=True)
+        if traced:
+            from kvmpy.tracing.probes import attach
+
+            attach(machine)
         t0 = time.perf_counter_ns()
         result = machine.run(timeout=60 + n // 1000)
         wall = time.perf_counter_ns() - t0
@@ -264,7 +269,8 @@ def run_kvmpy(n: int, *, fastpath: bool, memory: int = MEMORY,
     fast = stats.fast[wrmsr]
     hist = stats.fast_time[wrmsr] if fastpath else stats.slow_time[wrmsr]
     return RunSample(
-        side=("fastpath" if fastpath else "slowpath") + ("" if record_time else "-untimed"),
+        side=("fastpath" if fastpath else "slowpath") + ("" if record_time else "-untimed")
+        + ("-traced" if traced else ""),
         n=n, exits=sum(stats.count),
         icr_exits=fast + stats.msr_accesses.get(("wr", MSR_X2APIC_ICR), 0), icr_fast=fast,
         chunks_ns=tuple(_per_exit_ns(tsc, n, tsc_khz)), wall_ns=wall,
@@ -364,9 +370,10 @@ def _rank(ordered: list[int], p: float) -> int:
 # ------------------------------------------------------------------ the benchmark
 
 
-SIDES = ("c", "python", "fastpath", "fastpath-untimed", "slowpath")
+SIDES = ("c", "python", "fastpath", "fastpath-untimed", "fastpath-traced", "slowpath")
 TITLES = {"c": "C floor", "python": "bare Python", "fastpath": "kvmpy fastpath",
-          "fastpath-untimed": "kvmpy fastpath, no timing", "slowpath": "kvmpy slow path"}
+          "fastpath-untimed": "kvmpy fastpath, no timing",
+          "fastpath-traced": "kvmpy fastpath, traced", "slowpath": "kvmpy slow path"}
 
 
 @dataclass(frozen=True)
@@ -432,6 +439,11 @@ class FloorResult:
             return statistics.median(s.per_exit_ns / c.per_exit_ns for s, c in pairs)
         return statistics.median(s.chunk_p50_ns / c.chunk_p50_ns for s, c in pairs)
 
+    def paired(self, side: str, base: str) -> float:
+        """Median over repeats of side / base chunk p50, each pair from one repeat."""
+        pairs = zip(self.runs[side], self.runs[base], strict=True)
+        return statistics.median(s.chunk_p50_ns / b.chunk_p50_ns for s, b in pairs)
+
     def to_dict(self) -> dict[str, object]:
         return {
             "n": self.n,
@@ -457,6 +469,7 @@ def run_floor(n: int, repeats: int, *, memory: int = MEMORY) -> FloorResult:
         "fastpath": lambda m: run_kvmpy(m, fastpath=True, memory=memory),
         "fastpath-untimed": lambda m: run_kvmpy(m, fastpath=True, memory=memory,
                                                 record_time=False),
+        "fastpath-traced": lambda m: run_kvmpy(m, fastpath=True, memory=memory, traced=True),
         "slowpath": lambda m: run_kvmpy(m, fastpath=False, memory=memory),
     }
     for side in SIDES:
@@ -509,7 +522,7 @@ def print_table(result: FloorResult, file: TextIO | None = None) -> None:
     ]
     for label, values in rows:
         table.add_row(label, *values)
-    console = Console(file=file, width=120)
+    console = Console(file=file, width=150)
     console.print(table)
     fast, slow = result.column("fastpath"), result.column("slowpath")
     timed, untimed = result.column("fastpath"), result.column("fastpath-untimed")
@@ -523,6 +536,12 @@ def print_table(result: FloorResult, file: TextIO | None = None) -> None:
         console.print(f"cost of recording handling times: round trip p50 "
                       f"{_us(timed.chunk_p50_ns)} us timed vs {_us(untimed.chunk_p50_ns)} us "
                       f"untimed ({timed.chunk_p50_ns / untimed.chunk_p50_ns - 1:+.1%})")
+    traced = result.column("fastpath-traced")
+    if timed.chunk_p50_ns:
+        console.print(f"cost of tracing (kvmpy run --trace): round trip p50 "
+                      f"{_us(traced.chunk_p50_ns)} us traced vs {_us(timed.chunk_p50_ns)} us "
+                      f"({traced.chunk_p50_ns / timed.chunk_p50_ns - 1:+.1%}; paired ratio "
+                      f"{result.paired('fastpath-traced', 'fastpath'):.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:

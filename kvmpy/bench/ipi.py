@@ -29,7 +29,8 @@ from kvmpy.machine import Machine, MachineConfig
 from kvmpy.trace import ExitStats, Histogram
 
 CONFIGS = ("kvmpy-fast", "kvmpy-slow", "kernel")
-TWO_CPU_TESTS = ("rt", "oneway", "rt_halt", "oneway_halt", "send", "send_kick")
+TWO_CPU_TESTS = ("rt", "oneway", "rt_halt", "oneway_halt", "send", "send_kick",
+                 "vmexit_ipi", "vmexit_ipi_halt")
 SCALE_TESTS = ("bcast", "mcast")
 _TEST_LINE = re.compile(r"ipi_bench: test (\w+) n=(\d+) addr=0x([0-9a-f]+)")
 
@@ -168,6 +169,7 @@ def bench_ipi(*, n: int = 300, rounds: int = 3, mode: str = "x2apic",
             "icr_fast": _hist_summary(s.icr_fast_time),
             "icr_slow": _hist_summary(s.icr_slow_time),
             "kick": _hist_summary(s.kick_time),
+            "wake": _hist_summary(s.wake_time),
         }
     return result
 

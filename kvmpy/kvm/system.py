@@ -156,6 +156,10 @@ class VmFd:
     def create_irqchip(self) -> None:
         ioctl(self.fd, k.KVM_CREATE_IRQCHIP)
 
+    def irq_line(self, irq: int, level: bool) -> None:
+        """KVM_IRQ_LINE: drive GSI ``irq`` of the in-kernel irqchip."""
+        ioctl(self.fd, k.KVM_IRQ_LINE, s.KvmIrqLevel(irq, 1 if level else 0))
+
     def set_msr_filter(self, deny: Iterable[int], *, read: bool = True, write: bool = True) -> None:
         """Default-allow filter that denies `deny` (each becomes an exit, reason FILTER).
 

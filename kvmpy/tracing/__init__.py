@@ -1,0 +1,1 @@
+"""Event tracing: see recorder.py (the rings), probes.py (the hooks), export.py."""

@@ -1,0 +1,186 @@
+"""The halted vCPU: the wake token, halt polling and its adaptive window (KVM's
+kvm_vcpu_halt / grow_halt_poll_ns / shrink_halt_poll_ns), with a fake machine."""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import time
+
+from kvmpy import vcpu as vcpu_module
+from kvmpy.apic.testing import make_system
+from kvmpy.kvm import run as kr
+from kvmpy.kvm.run import RunView
+from kvmpy.trace import ExitStats
+from kvmpy.vcpu import (
+    HALT_POLL_GROW_START_NS,
+    Vcpu,
+    VcpuMode,
+    VcpuState,
+)
+from kvmpy.wake import WakeToken
+
+
+class _Fd:
+    def __init__(self) -> None:
+        self.mapping = mmap.mmap(-1, 4096)
+        self.view = RunView(self.mapping)
+
+
+class _Machine:
+    def __init__(self, halt_poll_max_ns: int, may_poll: bool = True) -> None:
+        self.stopping = False
+        self.halt_poll_max_ns = halt_poll_max_ns
+        self._may_poll = may_poll
+        self.blocked = 0
+        self.exit_lock = threading.Lock()
+
+    def may_poll(self) -> bool:
+        return self._may_poll
+
+    def note_blocked(self, vcpu: object, blocked: bool) -> None:
+        self.blocked += 1 if blocked else -1
+
+
+def halted_vcpu(max_ns: int, *, may_poll: bool = True) -> Vcpu:
+    system = make_system(2, x2apic=True)
+    vcpu = Vcpu(_Machine(max_ns, may_poll), 0, _Fd(), system[0],  # type: ignore[arg-type]
+                fastpath=True, stats=ExitStats(False))
+    vcpu.view.u8[kr.IF_FLAG] = 1
+    vcpu.state = VcpuState.HALTED
+    return vcpu
+
+
+# ---------------------------------------------------------------- WakeToken
+
+
+def test_wake_token_is_a_binary_semaphore():
+    t = WakeToken()
+    assert not t.is_set() and t.wait(0.001) is False
+    t.set()
+    t.set()  # tokens do not accumulate
+    assert t.is_set()
+    assert t.wait(0) is True and t.wait(0.001) is False
+    t.set()
+    t.clear()
+    assert not t.is_set()
+
+
+def test_wake_token_wakes_a_sleeper_on_another_thread():
+    t = WakeToken()
+    woke = []
+    th = threading.Thread(target=lambda: woke.append(t.wait(5)))
+    th.start()
+    time.sleep(0.01)
+    t.set()
+    th.join(5)
+    assert woke == [True]
+
+
+# ---------------------------------------------------------------- halt polling
+
+
+def _deliver_later(vcpu: Vcpu, delay_s: float, vector: int = 0x40) -> threading.Thread:
+    """Another thread publishes a fixed interrupt and kicks, as ApicBus does."""
+
+    def send() -> None:
+        time.sleep(delay_s)
+        assert vcpu.apic.accept_fixed(vector, False)
+        vcpu.kick()
+
+    th = threading.Thread(target=send)
+    th.start()
+    return th
+
+
+def test_a_wakeup_inside_the_window_ends_the_halt_without_sleeping():
+    vcpu = halted_vcpu(2_000_000_000)
+    vcpu.halt_poll_ns = 2_000_000_000  # 2 s window: the send lands inside it
+    modes = []
+    th = _deliver_later(vcpu, 0.02)
+    orig = vcpu._wakeup_pending
+
+    def spy() -> bool:
+        modes.append(vcpu.mode)
+        return orig()
+
+    vcpu._wakeup_pending = spy  # type: ignore[method-assign]
+    vcpu._block_until_runnable()
+    th.join()
+    assert vcpu.state is VcpuState.RUNNABLE and vcpu.mode is VcpuMode.OUTSIDE_GUEST
+    assert vcpu.stats.halt_poll_success == 1 and vcpu.stats.halt_slept == 0
+    assert set(modes) == {VcpuMode.POLLING}  # never BLOCKED: the kick only set a flag
+    assert vcpu.machine.blocked == 0
+
+
+def test_polling_off_or_not_allowed_sleeps_and_the_kick_wakes_it():
+    for vcpu in (halted_vcpu(0), halted_vcpu(200_000, may_poll=False)):
+        vcpu.halt_poll_ns = 200_000 if vcpu.machine.halt_poll_max_ns else 0
+        th = _deliver_later(vcpu, 0.02)
+        vcpu._block_until_runnable()
+        th.join()
+        assert vcpu.state is VcpuState.RUNNABLE
+        assert vcpu.stats.halt_poll_success == 0 and vcpu.stats.halt_slept == 1
+
+
+def test_the_window_grows_after_short_halts_and_shrinks_after_long_ones():
+    vcpu = halted_vcpu(200_000)
+    seen = []
+    for _ in range(6):
+        vcpu._adapt_halt_poll(150_000)  # short halt that outlasted the window: grow
+        seen.append(vcpu.halt_poll_ns)
+    assert seen == [HALT_POLL_GROW_START_NS, 20_000, 40_000, 80_000, 160_000, 200_000]
+    vcpu._adapt_halt_poll(1_000_000)  # longer than the maximum: shrink by 2
+    assert vcpu.halt_poll_ns == 100_000
+    for _ in range(4):
+        vcpu._adapt_halt_poll(1_000_000)
+    assert vcpu.halt_poll_ns == 0  # below grow_start: off until a short halt again
+
+
+def test_with_polling_off_the_window_never_opens():
+    vcpu = halted_vcpu(0)
+    th = _deliver_later(vcpu, 0.0)
+    vcpu._block_until_runnable()
+    th.join()
+    assert vcpu.stats.halt_slept == 1 and vcpu.halt_poll_ns == 0
+
+
+# ---------------------------------------------------------------- posted kicks
+
+
+def test_a_kick_from_a_vcpu_thread_is_posted_and_sent_at_its_entry():
+    sender, target = halted_vcpu(0), halted_vcpu(0)
+    target.mode = VcpuMode.BLOCKED
+    done = []
+
+    def on_sender_thread() -> None:
+        vcpu_module._this_thread.vcpu = sender
+        target.kick()
+        done.append((target.wake.is_set(), list(sender._posted_wakes)))
+        sender.send_posted_kicks()
+        done.append((target.wake.is_set(), list(sender._posted_wakes)))
+
+    th = threading.Thread(target=on_sender_thread)
+    th.start()
+    th.join()
+    assert target.request_event
+    assert done == [(False, [target]), (True, [])]
+
+
+def test_a_kick_from_another_thread_wakes_at_once():
+    target = halted_vcpu(0)
+    target.mode = VcpuMode.BLOCKED
+    th = threading.Thread(target=target.kick)  # e.g. the timer thread: no vCPU of its own
+    th.start()
+    th.join()
+    assert target.wake.is_set()
+
+
+def test_posted_kicks_are_sent_before_the_poster_sleeps():
+    sender, target = halted_vcpu(0), halted_vcpu(0)
+    target.mode = VcpuMode.BLOCKED
+    sender._posted_wakes.append(target)
+    th = _deliver_later(sender, 0.01)  # something to wake the sender itself
+    sender._block_until_runnable()
+    th.join()
+    assert target.wake.is_set() and sender._posted_wakes == []
