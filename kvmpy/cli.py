@@ -10,7 +10,7 @@ import argparse
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -18,7 +18,7 @@ from kvmpy import __version__
 from kvmpy.errors import KvmpyError
 
 if TYPE_CHECKING:
-    from kvmpy.machine import Machine
+    from kvmpy.machine import Machine, MachineConfig
     from kvmpy.tracing.recorder import Tracer
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="kernel command line")
     run.add_argument("--initrd", "-initrd", dest="initrd", metavar="FILE",
                      help="file passed as the first multiboot module")
+    run.add_argument("--cpu", "-cpu", dest="cpu", default="host", metavar="MODEL[,+FEAT,-FEAT]",
+                     help="CPU model: host (default), max or qemu64, with QEMU's feature "
+                     "flags +/-x2apic, +/-tsc-deadline (see kvmpy/cpumodel.py)")
     run.add_argument("--flat", action="store_true",
                      help="IMAGE is a raw 32-bit binary, loaded and entered at 1 MiB")
     run.add_argument("--serial", dest="serial", metavar="FILE",
@@ -148,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace,
+            configure: Callable[[MachineConfig], None] | None = None) -> int:
+    """`kvmpy run`; `configure` may adjust the MachineConfig first (kvmpy-qemu does)."""
+    from kvmpy.cpumodel import parse_cpu
     from kvmpy.machine import STATUS_TERMINATED, Machine, MachineConfig
 
     image_path = Path(args.image)
@@ -159,10 +165,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = MachineConfig(
         cpus=parse_cpus(args.cpus), memory=parse_size(args.memory), cmdline=args.append,
         initrd=initrd, initrd_name=args.initrd or "", fastpath=args.fastpath,
-        irqchip=args.irqchip, pin_vcpus=args.pin_vcpus,
+        irqchip=args.irqchip, pin_vcpus=args.pin_vcpus, cpu=parse_cpu(args.cpu),
     )
     if args.halt_poll_ns is not None:
         config.halt_poll_ns = args.halt_poll_ns
+    if configure is not None:
+        configure(config)
     serial_file = None
     if args.serial:
         try:

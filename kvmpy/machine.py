@@ -25,6 +25,7 @@ from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
 from kvmpy.boot.cpu import setup_protected_mode, setup_real_mode_sipi, write_boot_gdt
 from kvmpy.bus import Bus
 from kvmpy.cpuid import guest_cpuid
+from kvmpy.cpumodel import HOST, CpuModel
 from kvmpy.devices import DebugExit, FwCfg, Pit8254, Serial16550, SystemControlB
 from kvmpy.devices.irq import IrqRouter, isa_gsi
 from kvmpy.devices.pc_testdev import (
@@ -90,6 +91,8 @@ class MachineConfig:
     # Thread placement: "auto" pins vCPU i to the i-th usable host CPU when every vCPU
     # gets its own; "on" pins round-robin anyway; "off" lets the scheduler place them.
     pin_vcpus: str = "auto"
+    cpu: CpuModel = HOST  # CPUID model and the APIC features it offers (`--cpu`)
+    pit: bool = True  # the 8254 at 0x40, port 0x61 and IRQ 0 (QEMU `-machine pit=off`)
 
     def validate(self) -> None:
         if not 1 <= self.cpus <= MAX_VCPUS:
@@ -158,7 +161,7 @@ class Machine:
                               36)
             for i in range(config.cpus):
                 fd = self.vm.create_vcpu(i)
-                fd.set_cpuid(guest_cpuid(supported, i, config.cpus))
+                fd.set_cpuid(guest_cpuid(supported, i, config.cpus, config.cpu))
                 self.tsc_hz = fd.get_tsc_khz() * 1000
                 apic: LocalApic | None = None
                 if not self.kernel_irqchip:
@@ -166,6 +169,8 @@ class Machine:
                     apic = LocalApic(
                         i, self.apic_bus, bsp=(i == 0), clock_ns=time.monotonic_ns,
                         tsc=tsc, tsc_at=tsc_at, tsc_hz=self.tsc_hz, maxphyaddr=maxphyaddr,
+                        x2apic_supported=config.cpu.x2apic,
+                        tsc_deadline_supported=config.cpu.tsc_deadline,
                     )
                     fd_sregs = fd.get_sregs()  # KVM's view of IA32_APIC_BASE starts as ours
                     fd_sregs.apic_base = apic.apic_base
@@ -216,8 +221,9 @@ class Machine:
         self.pio_bus.register(0x3F8, 8, self.serial)
         self.pio_bus.register(0xF4, 4, self.debug_exit)
         self.pio_bus.register(0x510, 2, self.fw_cfg)
-        self.pio_bus.register(0x40, 4, self.pit)
-        self.pio_bus.register(0x61, 1, self.port61)
+        if cfg.pit:
+            self.pio_bus.register(0x40, 4, self.pit)
+            self.pio_bus.register(0x61, 1, self.port61)
 
     def _setup_interrupts(self) -> None:
         """GSI lines into the I/O APIC: kvmpy's (irqchip=user, at 0xFEC00000 on the MMIO
@@ -232,6 +238,7 @@ class Machine:
             self._ioapic_retry = TimerCallback(self.ioapic.service_deferred)
             self.mmio_bus.register(IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, self.ioapic)
             self.irq = IrqRouter(self.ioapic.set_irq)
+        if not self.kernel_irqchip and self.config.pit:
             self.pit_irq0 = PitIrq0(self.pit, self.irq.line(isa_gsi(0)), self._arm_pit,
                                     time.monotonic_ns)
             self._pit_timer = TimerCallback(self.pit_irq0.tick)

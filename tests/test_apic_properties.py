@@ -11,7 +11,8 @@ and after every step the model must agree with the shadow and pass
 
 Choices the SDM leaves open follow the model's documented ones (bus.py docstring):
 illegal fixed/lowest vectors are not sent; lowest priority goes to the focus
-processor, else to a lowest-PPR APIC; duplicate physical IDs deliver to one of them;
+processor, else to a lowest-PPR APIC; duplicate physical IDs deliver to all of them
+(lowest priority: to one);
 a DFR model other than flat is cluster; TSC_DEADLINE reads 0 outside deadline mode.
 
 ``scripts/fuzz_apic_model.py`` runs the same machine for a long time.
@@ -413,6 +414,7 @@ class ApicMachine(RuleBasedStateMachine):
         self.level_eois: list[tuple[int, int]] = []
         self.expected_level_eois: list[tuple[int, int]] = []
         self.clock = FakeClock(TSC_HZ)
+        self._caught = 0  # the model's timer catch-ups before the current write
 
     # ---- setup --------------------------------------------------------------------
     @initialize(
@@ -480,6 +482,7 @@ class ApicMachine(RuleBasedStateMachine):
         before = self._snapshot()
         n0 = len(self.notified)
         what = f"APIC {i} ({s.mode.name}) wrmsr({msr:#x}, {value:#x})"
+        self._caught = a._stats["timer_caught_up"]
         try:
             a.wrmsr(msr, value)
         except ApicGP:
@@ -493,6 +496,7 @@ class ApicMachine(RuleBasedStateMachine):
             s.write_base(value)
         elif msr == MSR_DEADLINE:
             if s.mode is not DIS and s.timer_mode == 2:
+                self._catch_up(i)
                 s.write_tsc_deadline(value, self.clock.now, self.clock.tsc())
         else:
             offset = (msr - 0x800) << 4
@@ -537,6 +541,7 @@ class ApicMachine(RuleBasedStateMachine):
     def _mmio_write(self, i: int, offset: int, size: int, value: int) -> None:
         s = self.sh[i]
         n0 = len(self.notified)
+        self._caught = self.apics[i]._stats["timer_caught_up"]
         self.apics[i].mmio_write(offset, size, value)
         notes = self.notified[n0:]
         what = f"APIC {i} ({s.mode.name}) mmio_write({offset:#x}, {size}, {value:#x})"
@@ -577,6 +582,8 @@ class ApicMachine(RuleBasedStateMachine):
         """Effect of a valid 32-bit register write, either path (SDM Table 10-1)."""
         s = self.sh[i]
         now = self.clock.now
+        if offset in (LVT0, TMICT, TDCR):
+            self._catch_up(i)
         if offset == TPR:
             s.tpr = value & 0xFF
         elif offset == EOI:
@@ -599,6 +606,38 @@ class ApicMachine(RuleBasedStateMachine):
             s.dfr = value | 0x0FFFFFFF
         elif offset == ICR2:
             s.icr_dest = value >> 24
+
+    def _catch_up(self, i: int) -> None:
+        """A timer-register write first fires an expiry due now (LocalApic's
+        _timer_catch_up: KVM's hrtimer would have fired already). Exact when the shadow
+        knows the deadline; otherwise the model's count of catch-ups decides."""
+        s, now = self.sh[i], self.clock.now
+        fired = self.apics[i]._stats["timer_caught_up"] > self._caught
+        if s.deadline is not None:
+            assert fired == (s.armed and s.deadline <= now), f"APIC {i}: catch-up {fired}"
+        elif not s.armed:
+            assert not fired, f"APIC {i}: caught up a disarmed timer"
+        if fired:
+            self.TOTALS["timer_caught_up"] += 1
+            self._fire(i, now)
+
+    def _fire(self, i: int, now: int) -> None:
+        """The shadow's side of one timer expiry at ``now``."""
+        s = self.sh[i]
+        if s.timer_mode == 1:
+            if s.deadline is not None:
+                period = s.tmict * divisor(s.tdcr)
+                s.deadline += ((now - s.deadline) // period + 1) * period
+        else:
+            s.armed, s.deadline = False, None
+            if s.timer_mode == 2:
+                s.tsc_deadline = 0
+        lvt = s.lvt[LVT_T]
+        if not lvt & MASKED:
+            if lvt & 0xFF < 16:
+                s.record_error(ESR_RECV_ILLEGAL)
+            else:
+                s.add_irr(lvt & 0xFF, False)
 
     def _eoi_shadow(self, i: int) -> None:
         s = self.sh[i]
@@ -647,8 +686,9 @@ class ApicMachine(RuleBasedStateMachine):
         return chosen
 
     def _one_of(self, matches: list[int], notes: list[int], dm: int) -> list[int]:
-        """Duplicate physical IDs (software-written xAPIC IDs): one of them receives."""
-        if len(matches) <= 1:
+        """Duplicate physical IDs (software-written xAPIC IDs): every one receives
+        (SDM 10.6.2.1), a lowest-priority interrupt only one of them."""
+        if len(matches) <= 1 or dm != LOWEST:
             return matches
         hit = [j for j in notes if j in matches]
         if hit:
@@ -1012,20 +1052,7 @@ class ApicMachine(RuleBasedStateMachine):
             if not fired:
                 continue
             self.TOTALS["timer_expired"] += 1
-            if s.timer_mode == 1:
-                if s.deadline is not None:
-                    period = s.tmict * divisor(s.tdcr)
-                    s.deadline += ((now - s.deadline) // period + 1) * period
-            else:
-                s.armed, s.deadline = False, None
-                if s.timer_mode == 2:
-                    s.tsc_deadline = 0
-            lvt = s.lvt[LVT_T]
-            if not lvt & MASKED:
-                if lvt & 0xFF < 16:
-                    s.record_error(ESR_RECV_ILLEGAL)
-                else:
-                    s.add_irr(lvt & 0xFF, False)
+            self._fire(i, now)
 
     # ---- invariants ------------------------------------------------------------------
     @invariant()

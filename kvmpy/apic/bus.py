@@ -17,7 +17,11 @@ Choices where the SDM leaves room (each documented in the function that makes it
 - delivery mode 001 from an x2APIC ICR (marked reserved in the SDM x2APIC figure) is
   lowest priority, as in KVM;
 - globally disabled APICs (IA32_APIC_BASE.EN=0) are not on the bus: they match no
-  destination.
+  destination;
+- a physical destination that software made ambiguous (two xAPIC-mode APICs given one
+  ID through the writable ID register) reaches every APIC with that ID, as each
+  compares the destination with its own ID (SDM 10.6.2.1; KVM without its 32-bit
+  x2APIC-ID quirk); a lowest-priority one goes to the first of them.
 
 The bus also carries I/O APIC messages (``deliver_irq``, KVM's kvm_irq_delivery_to_apic
 with no source APIC) and the local APICs' EOI broadcasts for level-triggered vectors
@@ -70,6 +74,10 @@ class ApicBus:
     def __init__(self, notify: Callable[[int], None]) -> None:
         self.notify = notify
         self.apics: list[LocalApic] = []
+        # Set (for good) once an APIC's ID is not its index (kvmpy's numbering): added
+        # so, or software moved an xAPIC ID. From then on physical IPIs take the general
+        # route, which finds every APIC with the destination ID, aliases included.
+        self.renumbered = False
         # kvmpy.tracing.Tracer, or None: told of each IPI before it is published.
         self.tracer: Tracer | None = None
         # Called with the vector of every EOI of a level-triggered interrupt (the I/O
@@ -86,6 +94,8 @@ class ApicBus:
             raise ValueError(f"duplicate APIC ID {apic.apic_id}")
         apic.index = len(self.apics)
         self.apics.append(apic)
+        if apic.apic_id != apic.index:
+            self.renumbered = True
         if apic.on_level_eoi is None:
             apic.on_level_eoi = self.broadcast_eoi
 
@@ -104,7 +114,7 @@ class ApicBus:
         # shorthand, to the APIC whose ID is its index (kvmpy's numbering). No Counter,
         # no scan; anything else (or an APIC whose ID software changed) goes the general
         # way below.
-        if not icr_low & _GENERAL_ROUTE_BITS and icr_low & 0xF0:
+        if not icr_low & _GENERAL_ROUTE_BITS and icr_low & 0xF0 and not self.renumbered:
             apics = self.apics
             if dest < len(apics):
                 target = apics[dest]
@@ -146,6 +156,15 @@ class ApicBus:
         logical = icr_low & ICR_DEST_LOGICAL
         broadcast = shorthand != SH_NONE or is_broadcast(dest, source.mode)
         if not broadcast and not logical:
+            if self.renumbered and dm != DM_LOWEST:
+                hit = False
+                for target in self.apics:
+                    if target.mode is not _DISABLED and match_physical(target, dest):
+                        hit = True
+                        self._deliver(target, dm, vector)
+                if not hit:
+                    stats["ipi_no_target"] += 1
+                return
             target = self._physical_target(dest)
             if target is None:
                 stats["ipi_no_target"] += 1
@@ -169,7 +188,7 @@ class ApicBus:
     def _physical_target(self, dest: int) -> LocalApic | None:
         """The APIC with physical ID ``dest`` (SDM 10.6.2.1). kvmpy numbers APICs by
         index, so ``apics[dest]`` is tried first; a software-changed xAPIC ID falls
-        back to a scan. Physical IDs are unique (SDM 10.4.6): the first match wins."""
+        back to a scan, and the first match wins (see send_ipi for aliased IDs)."""
         apics = self.apics
         if dest < len(apics):
             target = apics[dest]

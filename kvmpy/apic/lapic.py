@@ -37,6 +37,7 @@ _XAPIC = ApicMode.XAPIC
 _X2APIC = ApicMode.X2APIC
 _X2APIC_ICR_RESERVED = c.X2APIC_ICR_RESERVED
 _MMIO_HOLE = 0xFFFFFFFFFFFFFFFF
+_LVT_TIMER_DEADLINE_BIT = c.TIMER_TSC_DEADLINE << c.LVT_TIMER_MODE_SHIFT  # bit 18
 
 
 def _pack32(vectors: bytearray, word: int) -> int:
@@ -60,6 +61,7 @@ class LocalApic:
         tsc_hz: int,
         maxphyaddr: int = 52,
         x2apic_supported: bool = True,
+        tsc_deadline_supported: bool = True,
         min_periodic_ns: int = 0,
     ) -> None:
         self.apic_id = apic_id  # initial APIC ID == x2APIC ID (SDM 10.12.5.1)
@@ -73,7 +75,11 @@ class LocalApic:
         self.tsc_at = tsc_at
         self.tsc_hz = tsc_hz
         self.maxphyaddr = maxphyaddr
+        # CPUID.1:ECX[21] and [24] as the guest sees them (kvmpy/cpumodel.py). Without
+        # x2APIC, IA32_APIC_BASE.EXTD is reserved (SDM 10.12.1); without TSC-deadline,
+        # IA32_TSC_DEADLINE does not exist and timer mode 10b is reserved (SDM 10.5.4.1).
         self.x2apic_supported = x2apic_supported
+        self.tsc_deadline_supported = tsc_deadline_supported
         self.index = -1  # set by ApicBus.add
         self.x2apic_ldr = x2apic_ldr(apic_id)
         # Called with the vector on the EOI of a level-triggered interrupt (TMR set):
@@ -212,6 +218,9 @@ class LocalApic:
         if msr == c.MSR_APIC_BASE:
             return self.apic_base
         if msr == c.MSR_TSC_DEADLINE:
+            if not self.tsc_deadline_supported:
+                self._stats["gp"] += 1
+                raise ApicGP("IA32_TSC_DEADLINE without CPUID TSC-deadline (SDM Vol. 4 2-2)")
             if self.mode is _DISABLED or self.timer.mode != c.TIMER_TSC_DEADLINE:
                 return 0
             return self.timer.tsc_deadline
@@ -240,11 +249,15 @@ class LocalApic:
                 raise
             return
         if msr == c.MSR_TSC_DEADLINE:
+            if not self.tsc_deadline_supported:
+                self._stats["gp"] += 1
+                raise ApicGP("IA32_TSC_DEADLINE without CPUID TSC-deadline (SDM Vol. 4 2-2)")
             # SDM 10.5.4.1: ignored unless the timer is in TSC-deadline mode.
             if self.mode is _DISABLED or self.timer.mode != c.TIMER_TSC_DEADLINE:
                 self._stats["tsc_deadline_ignored"] += 1
                 return
             now = self.clock_ns()
+            self._timer_catch_up(now)
             tsc_now = self.tsc_at(now) if self.tsc_at is not None else self.tsc()
             self.timer.set_tsc_deadline(value, now, tsc_now)
             return
@@ -270,6 +283,11 @@ class LocalApic:
         if offset == c.REG_LVT_TIMER and (value & c.LVT_TIMER_MODE_MASK) == c.LVT_TIMER_MODE_MASK:
             self._stats["gp"] += 1
             raise ApicGP("LVT timer mode 11b is reserved (SDM 10.5.1)")
+        if offset == c.REG_LVT_TIMER and not self.tsc_deadline_supported \
+                and value & _LVT_TIMER_DEADLINE_BIT:
+            self._stats["gp"] += 1
+            raise ApicGP("LVT timer mode 10b is reserved without CPUID TSC-deadline "
+                         "(SDM 10.5.4.1)")
         if offset == c.REG_SELF_IPI:
             self.self_ipi_fast(value)
             return
@@ -378,15 +396,21 @@ class LocalApic:
         elif c.REG_LVT_TIMER <= offset <= c.REG_LVT_ERROR:
             self._write_lvt((offset - c.REG_LVT_TIMER) >> 4, value)
         elif offset == c.REG_TIMER_INITIAL:
-            self.timer.set_initial_count(value, self.clock_ns())
+            now = self.clock_ns()
+            self._timer_catch_up(now)
+            self.timer.set_initial_count(value, now)
         elif offset == c.REG_TIMER_DIVIDE:
-            self.timer.set_divide(value, self.clock_ns())
+            now = self.clock_ns()
+            self._timer_catch_up(now)
+            self.timer.set_divide(value, now)
         elif offset == c.REG_ESR:
             self._latch_esr()
         elif offset == c.REG_ICR_HIGH:
             self._icr_dest = value >> 24
         elif offset == c.REG_ID:
             self.xapic_id = value >> 24  # xAPIC ID is software-writable (SDM 10.4.6)
+            if self.xapic_id != self.apic_id & 0xFF:
+                self.bus.renumbered = True  # IDs may alias: see ApicBus.send_ipi
         elif offset == c.REG_LDR:
             self.ldr = value & 0xFF000000
         elif offset == c.REG_DFR:
@@ -410,10 +434,18 @@ class LocalApic:
         value &= c.LVT_WRITABLE[index]
         if not self.sw_enabled:
             value |= c.LVT_MASKED
+        if index == c.LVT_TIMER and not self.tsc_deadline_supported:
+            # Mode bit 18 is reserved without TSC-deadline: an xAPIC write drops it
+            # (KVM's timer_mode_mask), x2APIC writes with it #GP'd in wrmsr.
+            value &= ~_LVT_TIMER_DEADLINE_BIT
+        if index != c.LVT_TIMER:
+            self._lvt[index] = value
+            return
+        now = self.clock_ns()
+        self._timer_catch_up(now)  # under the old LVT: vector, mask and mode
         self._lvt[index] = value
-        if index == c.LVT_TIMER:
-            mode = (value & c.LVT_TIMER_MODE_MASK) >> c.LVT_TIMER_MODE_SHIFT
-            self.timer.set_mode(mode, self.clock_ns())
+        mode = (value & c.LVT_TIMER_MODE_MASK) >> c.LVT_TIMER_MODE_SHIFT
+        self.timer.set_mode(mode, now)
 
     def lvt(self, index: int) -> int:
         """Current value of LVT entry ``index`` (LVT_TIMER .. LVT_ERROR)."""
@@ -692,6 +724,19 @@ class LocalApic:
     def timer_deadline_ns(self) -> int | None:
         """Absolute clock_ns time of the next timer expiry, or None."""
         return self.timer.deadline_ns
+
+    def _timer_catch_up(self, now_ns: int) -> None:
+        """Before a write to a timer register (LVT timer, initial count, divide,
+        IA32_TSC_DEADLINE): an expiry due at ``now_ns`` that the VMM has not processed
+        yet happens first, under the old settings. In KVM the hrtimer has fired by then
+        (apic_timer_fn); without this, a host stall of the vCPU across the deadline
+        would decide the outcome: a one-shot count-down that reached 0 and is then
+        switched to periodic would restart from the initial count instead of staying
+        at 0 (apic_get_tmcct), and the expired count-down's interrupt would be lost."""
+        deadline = self.timer.deadline_ns
+        if deadline is not None and now_ns >= deadline:
+            self._stats["timer_caught_up"] += 1
+            self.timer_expired(now_ns)
 
     def timer_expired(self, now_ns: int) -> bool:
         """If the timer is due at ``now_ns``: set the LVT timer vector in IRR unless the
