@@ -279,9 +279,9 @@ class Vcpu:
             self.sync_cr8()
             return
         if apic.take_nmi():
-            self.fd.nmi()
             if self.tracer is not None:
                 self.tracer.rec(tracing.INJECT, 2, 1)
+            self.fd.nmi()
         if apic.smi_pending and apic.take_smi():
             self.stats.smi_dropped += 1  # no SMM is modelled: an SMI is counted and dropped
         vector = apic.pending_vector()
@@ -289,9 +289,11 @@ class Vcpu:
             u8[kr.REQUEST_INTERRUPT_WINDOW] = 0
         elif u8[kr.READY_FOR_INJECTION] and u8[kr.IF_FLAG]:
             apic.ack(vector)
-            self.fd.interrupt(vector)
             if self.tracer is not None:
+                # before the ioctl, which releases the GIL: a send recorded after this
+                # (during the ioctl) is one the injection cannot be for
                 self.tracer.rec(tracing.INJECT, vector, 0)
+            self.fd.interrupt(vector)
             # KVM holds one queued interrupt without an in-kernel irqchip and a second
             # KVM_INTERRUPT would replace the first (kvm_vcpu_ioctl_interrupt): until
             # KVM rewrites this flag at the next exit, ask for a window instead.
