@@ -83,7 +83,8 @@ def test_the_command_line_runs_seeds_in_children_and_prints_the_table(
 
 def test_aps_reset_by_init_and_restarted_by_sipi_mid_run() -> None:
     threads = threading.active_count()
-    r = run_fuzz(3, ops=600, cpus=3, mode="mixed", timeout=60, initsipi=True)
+    # enough ops that the BSP reaches a reset while the APs still run (they may finish first)
+    r = run_fuzz(3, ops=2000, cpus=3, mode="mixed", timeout=60, initsipi=True)
     assert r.status == 1 and "fuzz: done" in r.output, (r.message, r.output[-2000:])
     assert r.ok, (r.message, r.host_errors)
     assert r.counters["resets"] > 0 and r.counters["restart_timeouts"] == 0
