@@ -182,3 +182,4 @@ def test_machine_pit_off_removes_the_pit() -> None:
         with Machine(MachineConfig(pit=pit)) as m:
             claimed = {port for port in (0x40, 0x43, 0x61) if m.pio_bus.find(port)}
             assert claimed == ({0x40, 0x43, 0x61} if pit else set())
+            assert (m.pit_irq0 is not None) == pit  # no IRQ 0 ticks without a PIT
