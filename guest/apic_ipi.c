@@ -257,13 +257,7 @@ int main(struct multiboot_info *mbi)
 
     for (u32 i = 0; i < SETTLE_POLLS; i++)     /* let anything stray arrive */
         pause();
-    for (c = 0; c < ncpus; c++)
-        for (u32 v = 0; v < 256; v++)
-            if (count[c][v] != expect[c][v]) {
-                printf("apic_ipi: cpu %u vector 0x%02x: got %u expected %u\n", c, v,
-                       count[c][v], expect[c][v]);
-                errors++;
-            }
+    errors += check_vector_counts("apic_ipi", count, expect, ncpus);
     if (errors) {
         printf("apic_ipi: FAILED (%u errors)\n", errors);
         return 1;

@@ -392,13 +392,7 @@ int main(struct multiboot_info *mbi)
     printf("ioapic_irq: pit: got %u expected at least %u\n", count[0][V_PIT], PIT_TICKS);
 
     settle();
-    for (c = 0; c < ncpus; c++)
-        for (u32 v = 0; v < 256; v++)
-            if (count[c][v] != expect[c][v]) {
-                printf("ioapic_irq: cpu %u vector 0x%02x: got %u expected %u\n", c, v,
-                       count[c][v], expect[c][v]);
-                errors++;
-            }
+    errors += check_vector_counts("ioapic_irq", count, expect, ncpus);
     if (errors) {
         printf("ioapic_irq: FAILED (%u errors)\n", errors);
         return 1;

@@ -124,3 +124,20 @@ void apic_set_handler(u32 vector, interrupt_handler h)
 {
     handler[vector & 0xff] = h;
 }
+
+/* Exact-count guests: print every (cpu, vector) whose received count differs from the
+ * expected one, as "<name>: cpu C vector 0xVV: got N expected M"; return how many. */
+u32 check_vector_counts(const char *name, volatile u32 (*count)[256], u32 (*expect)[256],
+                        u32 ncpus)
+{
+    u32 errors = 0;
+
+    for (u32 c = 0; c < ncpus; c++)
+        for (u32 v = 0; v < 256; v++)
+            if (count[c][v] != expect[c][v]) {
+                printf("%s: cpu %u vector 0x%02x: got %u expected %u\n", name, c, v,
+                       count[c][v], expect[c][v]);
+                errors++;
+            }
+    return errors;
+}

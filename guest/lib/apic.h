@@ -123,6 +123,8 @@ u32 smp_start(u32 n);
 /* CPUs online, and the APIC ID CPU index `cpu` reported when it came up. */
 u32 smp_online(void);
 u32 smp_apic_id(u32 cpu);
+u32 check_vector_counts(const char *name, volatile u32 (*count)[256], u32 (*expect)[256],
+                        u32 ncpus);
 
 /* An AP's C entry point, called with its CPU index once its APIC is enabled. The
  * library's weak default is smp_idle(). Returning parks the CPU (cli; hlt). */
