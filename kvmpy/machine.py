@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
+from kvmpy import _core
 from kvmpy.apic import ApicBus, LocalApic
 from kvmpy.apic.ioapic import IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, IoApic
 from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
@@ -46,9 +47,9 @@ from kvmpy.trace import ExitStats
 from kvmpy.vcpu import (
     HALT_POLL_NS_DEFAULT,
     KICK_SIGNAL,
+    FastpathSetting,
     Vcpu,
     VcpuState,
-    install_kick_handler,
 )
 
 if TYPE_CHECKING:
@@ -82,7 +83,9 @@ class MachineConfig:
     initrd: bytes | None = None
     initrd_name: str = "initrd"  # the module's command line (QEMU passes the file name)
     serial: BinaryIO | None = None  # None: the process's stdout
-    fastpath: bool = True
+    # "native" (True): the C fastpath before the GIL; "python": exits.handle_exit_irqoff
+    # under the GIL; "off" (False): every exit to the dispatch.
+    fastpath: bool | str = True
     ap_start: str = "sipi"  # "sipi": APs wait for INIT-SIPI; "entry": all start at entry
     irqchip: str = "user"  # "user": kvmpy's APIC; "kernel": KVM's in-kernel irqchip
     record_time: bool = True
@@ -107,6 +110,10 @@ class MachineConfig:
             raise KvmpyError(f"--halt-poll-ns must be between 0 and 1e9, got {self.halt_poll_ns}")
         if self.pin_vcpus not in ("auto", "on", "off"):
             raise KvmpyError(f"--pin-vcpus must be auto, on or off, got {self.pin_vcpus!r}")
+        try:
+            FastpathSetting.parse(self.fastpath)
+        except ValueError as exc:
+            raise KvmpyError(f"--fastpath: {exc}") from None
         if self.ap_start not in ("sipi", "entry"):
             raise KvmpyError(f"ap_start must be 'sipi' or 'entry', got {self.ap_start!r}")
 
@@ -176,9 +183,17 @@ class Machine:
                     fd_sregs.apic_base = apic.apic_base
                     fd.set_sregs(fd_sregs)
                     self.apic_bus.add(apic)
-                vcpu = Vcpu(self, i, fd, apic, fastpath=config.fastpath and apic is not None,
+                vcpu = Vcpu(self, i, fd, apic, fastpath=config.fastpath,
                             stats=ExitStats(config.record_time))
                 self.vcpus.append(vcpu)
+            # The native exit core (kvmpy/native): the vCPU loops, the fastpath, the kick.
+            self.fastpath = FastpathSetting.parse(config.fastpath)
+            self.core = _core.Core(config.cpus, self._host_cpus, config.halt_poll_ns,
+                                   self.fastpath.value if not self.kernel_irqchip
+                                   else FastpathSetting.OFF.value)
+            for vcpu in self.vcpus:
+                vcpu.attach_core(self.core)
+            self.apic_bus.core = self.core
             self._setup_interrupts()
         except BaseException:
             self.close()
@@ -289,9 +304,15 @@ class Machine:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            install_kick_handler()
-            if self.tracer is not None:
+        if self.tracer is not None:
+            # Under --trace the exits are handled (and recorded) in Python: the native
+            # fastpath hands over to Python's handle_exit_irqoff, which does the same.
+            if self.fastpath is FastpathSetting.NATIVE:
+                self.core.set(setting=FastpathSetting.PYTHON.value)
+                for vcpu in self.vcpus:
+                    if vcpu.setting is FastpathSetting.NATIVE:
+                        vcpu.setting = FastpathSetting.PYTHON
+            if threading.current_thread() is threading.main_thread():
                 self.tracer.install_signal_probe(KICK_SIGNAL)
         self._started = True
         self.timers.start()
@@ -360,8 +381,9 @@ class Machine:
             if self._result is None:
                 self._result = VmResult(status, message)
         self.stopping = True
-        for vcpu in self.vcpus:
-            vcpu.stop()
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.stop()  # every vCPU leaves the core: in the guest, polling or asleep
         if not self._started:
             self._done.set()
 
@@ -383,7 +405,9 @@ class Machine:
         if self._started and not self._done.is_set():
             self.stop(STATUS_OK, "closed")
             self.wait(5)
+        self.core = None  # releases its views of the kvm_run pages and APIC memory
         for vcpu in getattr(self, "vcpus", []):
+            vcpu.core = None
             vcpu.fd.close()
         if hasattr(self, "memory"):
             self.memory.close()
@@ -453,10 +477,15 @@ class Machine:
             self._blocked_since = time.monotonic()
 
     def _hung(self) -> bool:
-        """Every vCPU blocked for a while, no timer armed, nothing pending anywhere."""
-        if self._blocked < len(self.vcpus) or self.stopping:
+        """Every vCPU asleep (in the core or in Python) for a while, no timer armed,
+        nothing pending anywhere."""
+        if self.core is None or self.core.busy() > 0 or self.stopping:
+            self._all_asleep_since = None
             return False
-        if time.monotonic() - self._blocked_since < HUNG_GRACE_S:
+        now = time.monotonic()
+        if getattr(self, "_all_asleep_since", None) is None:
+            self._all_asleep_since = now
+        if now - self._all_asleep_since < HUNG_GRACE_S:
             return False
         if self.ioapic is not None and self.ioapic.deferred:
             return False  # a storm-delayed level interrupt is on its way
@@ -465,12 +494,12 @@ class Machine:
                 return False  # in-kernel irqchip: HLT never reaches kvmpy
             if vcpu._timer_deadline is not None or vcpu.apic.has_pending_events():
                 return False
-        return self._blocked == len(self.vcpus)
+        return self.core.busy() == 0
 
     def merged_stats(self) -> ExitStats:
         total = ExitStats()
         for vcpu in self.vcpus:
-            total.merge(vcpu.stats)
+            total.merge(vcpu.collect_stats())
         return total
 
 
