@@ -305,10 +305,11 @@ class Machine:
 
     def start(self) -> None:
         if self.tracer is not None:
-            # Under --trace the exits are handled (and recorded) in Python: the native
-            # fastpath hands over to Python's handle_exit_irqoff, which does the same.
+            # Under --trace every exit and injection is handled (and recorded) in
+            # Python: the native fastpath's place is taken by Python's handle_exit_irqoff,
+            # which does the same work.
+            self.core.set(traced=1)
             if self.fastpath is FastpathSetting.NATIVE:
-                self.core.set(setting=FastpathSetting.PYTHON.value)
                 for vcpu in self.vcpus:
                     if vcpu.setting is FastpathSetting.NATIVE:
                         vcpu.setting = FastpathSetting.PYTHON
@@ -405,9 +406,14 @@ class Machine:
         if self._started and not self._done.is_set():
             self.stop(STATUS_OK, "closed")
             self.wait(5)
-        self.core = None  # releases its views of the kvm_run pages and APIC memory
+        # Drop every reference to the core: it releases its views of the kvm_run pages
+        # (an exported mmap cannot close) and of the APIC memory.
+        self.core = None
+        if hasattr(self, "apic_bus"):
+            self.apic_bus.core = None
         for vcpu in getattr(self, "vcpus", []):
             vcpu.core = None
+        for vcpu in getattr(self, "vcpus", []):
             vcpu.fd.close()
         if hasattr(self, "memory"):
             self.memory.close()

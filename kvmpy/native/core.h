@@ -126,12 +126,18 @@ struct vcpu {
 	bool posted;
 	/* Halt polling (KVM's vcpu->halt_poll_ns). Owner-only. */
 	uint64_t halt_poll_ns;
-	/* The exit the core returns to Python (owner-only). */
-	uint32_t exit_reason;
-	uint64_t exit_a, exit_b, exit_c;
-	uint64_t t_exit_ns;
-	enum fastpath fp;
-	int err;
+	int err;                  /* errno of a failed KVM_RUN / KVM_INTERRUPT */
+};
+
+/* What run() returns: the exit, read once from kvm_run (kvmpy/vcpu.py Exit). It lives
+ * on the stack of the loop's caller, never in the vCPU (the seed: nothing vCPU-wide
+ * stores the exit reason). a, b, c: msr index, data, reason / MMIO gpa, len, is_write /
+ * port, size, direction. */
+struct exit {
+	uint32_t reason;
+	uint64_t a, b, c;
+	uint64_t t_exit_ns;       /* when KVM_RUN returned (CLOCK_MONOTONIC) */
+	enum fastpath fp;         /* handle_exit_irqoff's verdict */
 };
 
 struct vm {
@@ -143,6 +149,7 @@ struct vm {
 	uint64_t halt_poll_max_ns;
 	_Atomic int setting;       /* enum fastpath_setting */
 	_Atomic int renumbered;    /* an APIC ID is not its index: IPIs take Python's route */
+	_Atomic int traced;        /* --trace: every exit and injection is Python's, recorded */
 };
 
 static inline bool v_record_time(const struct vcpu *v)
@@ -174,8 +181,8 @@ uint64_t now_ns(void);
 void hist_add(uint64_t *hist, uint64_t ns);
 
 /* vcpu_loop.c: the run loop. */
-enum fastpath handle_exit_irqoff(struct vcpu *v);
-enum core_ret vcpu_enter_guest(struct vcpu *v);
+enum fastpath handle_exit_irqoff(struct vcpu *v, struct exit *exit);
+enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit);
 bool inject_pending_irq(struct vcpu *v);
 bool sync_cr8(struct vcpu *v);
 bool vcpu_halt_in_core(struct vcpu *v, bool if_flag);

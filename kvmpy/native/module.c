@@ -164,16 +164,17 @@ static PyObject *Core_run(CoreObject *self, PyObject *arg)
 	/* release: the thread id is visible to kickers before this thread enters. */
 	atomic_store_explicit(&v->thread, (unsigned long)pthread_self(), memory_order_release);
 	enum core_ret ret;
+	struct exit exit = {0};
 	Py_BEGIN_ALLOW_THREADS
-	ret = vcpu_enter_guest(v);
+	ret = vcpu_enter_guest(v, &exit);
 	Py_END_ALLOW_THREADS
 	if (ret == RET_ERROR) {
 		errno = v->err;
 		return PyErr_SetFromErrno(PyExc_OSError);
 	}
-	return Py_BuildValue("iIKKKiK", (int)ret, v->exit_reason, (unsigned long long)v->exit_a,
-			     (unsigned long long)v->exit_b, (unsigned long long)v->exit_c,
-			     ret == RET_EXIT ? (int)v->fp : 0, (unsigned long long)v->t_exit_ns);
+	return Py_BuildValue("iIKKKiK", (int)ret, exit.reason, (unsigned long long)exit.a,
+			     (unsigned long long)exit.b, (unsigned long long)exit.c,
+			     ret == RET_EXIT ? (int)exit.fp : 0, (unsigned long long)exit.t_exit_ns);
 }
 
 static int parse_index(CoreObject *self, PyObject *args, struct vcpu **v)
@@ -367,12 +368,8 @@ static PyObject *Core_fast_wrmsr(CoreObject *self, PyObject *args)
 	struct slot *s = get_slot(self, i, true);
 	if (!s)
 		return NULL;
-	struct vcpu *v = &s->v;
-	v->exit_reason = KVM_EXIT_X86_WRMSR;
-	v->exit_a = msr;
-	v->exit_b = value;
-	v->exit_c = 0;
-	return PyLong_FromLong(handle_exit_irqoff(v));
+	struct exit exit = {.reason = KVM_EXIT_X86_WRMSR, .a = msr, .b = value};
+	return PyLong_FromLong(handle_exit_irqoff(&s->v, &exit));
 }
 
 /* fast_mmio_write(i, gpa, length, value) -> fastpath. */
@@ -389,12 +386,9 @@ static PyObject *Core_fast_mmio_write(CoreObject *self, PyObject *args)
 	struct vcpu *v = &s->v;
 	if (len > 8)
 		len = 8;
-	v->exit_reason = KVM_EXIT_MMIO;
-	v->exit_a = gpa;
-	v->exit_b = len;
-	v->exit_c = 1;
+	struct exit exit = {.reason = KVM_EXIT_MMIO, .a = gpa, .b = len, .c = 1};
 	memcpy(v->run->mmio.data, &value, 8);
-	return PyLong_FromLong(handle_exit_irqoff(v));
+	return PyLong_FromLong(handle_exit_irqoff(v, &exit));
 }
 
 /* fast_hlt(i, if_flag) -> fastpath. */
@@ -407,10 +401,9 @@ static PyObject *Core_fast_hlt(CoreObject *self, PyObject *args)
 	if (!s)
 		return NULL;
 	struct vcpu *v = &s->v;
-	v->exit_reason = KVM_EXIT_HLT;
-	v->exit_a = v->exit_b = v->exit_c = 0;
+	struct exit exit = {.reason = KVM_EXIT_HLT};
 	v->run->if_flag = (uint8_t)if_flag;
-	return PyLong_FromLong(handle_exit_irqoff(v));
+	return PyLong_FromLong(handle_exit_irqoff(v, &exit));
 }
 
 /* inject(i, ready, if_flag, cr8) -> (vector injected or -1, request_interrupt_window):
@@ -443,11 +436,14 @@ static PyObject *Core_inject(CoreObject *self, PyObject *args)
 
 static PyObject *Core_set(CoreObject *self, PyObject *args, PyObject *kwds)
 {
-	static char *kw[] = {"setting", "renumbered", "halt_poll_max_ns", NULL};
-	int setting = -1, renumbered = -1;
+	static char *kw[] = {"setting", "renumbered", "halt_poll_max_ns", "traced", NULL};
+	int setting = -1, renumbered = -1, traced = -1;
 	long long poll_max = -1;
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|iiL", kw, &setting, &renumbered, &poll_max))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|iiLi", kw, &setting, &renumbered, &poll_max,
+					 &traced))
 		return NULL;
+	if (traced >= 0)
+		atomic_store_explicit(&self->vm.traced, traced, memory_order_relaxed);
 	if (setting >= SETTING_OFF && setting <= SETTING_NATIVE)
 		atomic_store_explicit(&self->vm.setting, setting, memory_order_relaxed);
 	if (renumbered >= 0)

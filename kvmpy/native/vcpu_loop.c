@@ -84,12 +84,12 @@ bool sync_cr8(struct vcpu *v)
 }
 
 /* KVM_RUN, then the exit read once from kvm_run into the loop's own fields. */
-static int run(struct vcpu *v)
+static int run(struct vcpu *v, struct exit *exit)
 {
 	struct kvm_run *kr = v->run;
 	int ret = ioctl(v->fd, KVM_RUN, 0);
 	int err = errno;
-	v->t_exit_ns = now_ns();
+	exit->t_exit_ns = now_ns();
 	/* seq_cst: the kick protocol; a sender that reads OUTSIDE_GUEST from here on
 	 * leaves the request to the loop top. */
 	atomic_store_explicit(&v->mode, OUTSIDE_GUEST, memory_order_seq_cst);
@@ -98,42 +98,42 @@ static int run(struct vcpu *v)
 			/* A kick: EINTR is an ordinary exit. relaxed: only KVM reads it, at entry. */
 			atomic_store_explicit((_Atomic uint8_t *)&kr->immediate_exit, 0,
 					      memory_order_relaxed);
-			v->exit_reason = KVM_EXIT_INTR;
-			v->exit_a = v->exit_b = v->exit_c = 0;
+			exit->reason = KVM_EXIT_INTR;
+			exit->a = exit->b = exit->c = 0;
 			return 0;
 		}
 		v->err = err;
 		return -1;
 	}
 	uint32_t reason = kr->exit_reason;
-	v->exit_reason = reason;
+	exit->reason = reason;
 	switch (reason) {
 	case KVM_EXIT_X86_RDMSR:
 	case KVM_EXIT_X86_WRMSR:
-		v->exit_a = kr->msr.index;
-		v->exit_b = kr->msr.data;
-		v->exit_c = kr->msr.reason;
+		exit->a = kr->msr.index;
+		exit->b = kr->msr.data;
+		exit->c = kr->msr.reason;
 		break;
 	case KVM_EXIT_MMIO:
-		v->exit_a = kr->mmio.phys_addr;
-		v->exit_b = kr->mmio.len;
-		v->exit_c = kr->mmio.is_write;
+		exit->a = kr->mmio.phys_addr;
+		exit->b = kr->mmio.len;
+		exit->c = kr->mmio.is_write;
 		break;
 	case KVM_EXIT_IO:
-		v->exit_a = kr->io.port;
-		v->exit_b = kr->io.size;
-		v->exit_c = kr->io.direction;
+		exit->a = kr->io.port;
+		exit->b = kr->io.size;
+		exit->c = kr->io.direction;
 		break;
 	default:
-		v->exit_a = v->exit_b = v->exit_c = 0;
+		exit->a = exit->b = exit->c = 0;
 	}
 	return 0;
 }
 
-static enum fastpath handle_fastpath_wrmsr(struct vcpu *v)
+static enum fastpath handle_fastpath_wrmsr(struct vcpu *v, const struct exit *exit)
 {
-	uint64_t value = v->exit_b;
-	switch (v->exit_a) {
+	uint64_t value = exit->b;
+	switch (exit->a) {
 	case MSR_X2APIC_ICR:
 		return lapic_x2apic_icr_write_fast(v, value);
 	case MSR_X2APIC_SELF_IPI:
@@ -147,12 +147,12 @@ static enum fastpath handle_fastpath_wrmsr(struct vcpu *v)
 	return FASTPATH_NONE;
 }
 
-static enum fastpath handle_fastpath_mmio(struct vcpu *v)
+static enum fastpath handle_fastpath_mmio(struct vcpu *v, const struct exit *exit)
 {
 	struct lapic *a = &v->apic;
-	if (!v->exit_c || v->exit_b != 4 || a->r[R_MODE] != APIC_XAPIC)
+	if (!exit->c || exit->b != 4 || a->r[R_MODE] != APIC_XAPIC)
 		return FASTPATH_NONE;
-	uint64_t offset = v->exit_a - a->q[Q_BASE_ADDRESS];
+	uint64_t offset = exit->a - a->q[Q_BASE_ADDRESS];
 	if (offset == XAPIC_EOI)
 		return lapic_eoi_fast(v);
 	if (offset == XAPIC_ICR_LOW) {
@@ -167,21 +167,22 @@ static enum fastpath handle_fastpath_mmio(struct vcpu *v)
  * The seed's fastpath (vmx_handle_exit_irqoff -> handle_fastpath_set_msr_irqoff):
  * right after the exit, before the GIL. Returns upstream's fastpath_t, never a fake
  * exit reason. A kick's EINTR re-enters in every setting but --fastpath python, which
- * hands every exit to Python's handle_exit_irqoff.
+ * hands every exit to Python's handle_exit_irqoff, and --trace, under which Python
+ * handles (and records) every exit.
  */
-enum fastpath handle_exit_irqoff(struct vcpu *v)
+enum fastpath handle_exit_irqoff(struct vcpu *v, struct exit *exit)
 {
 	/* relaxed: the setting is chosen before the vCPUs run (tracing may change it). */
 	int setting = atomic_load_explicit(&v->vm->setting, memory_order_relaxed);
-	if (setting == SETTING_PYTHON)
+	if (setting == SETTING_PYTHON || atomic_load_explicit(&v->vm->traced, memory_order_relaxed))
 		return FASTPATH_NONE;
-	switch (v->exit_reason) {
+	switch (exit->reason) {
 	case KVM_EXIT_INTR:
 		return FASTPATH_REENTER_GUEST; /* the loop top picks up the kick's request */
 	case KVM_EXIT_X86_WRMSR:
-		return setting == SETTING_NATIVE ? handle_fastpath_wrmsr(v) : FASTPATH_NONE;
+		return setting == SETTING_NATIVE ? handle_fastpath_wrmsr(v, exit) : FASTPATH_NONE;
 	case KVM_EXIT_MMIO:
-		return setting == SETTING_NATIVE ? handle_fastpath_mmio(v) : FASTPATH_NONE;
+		return setting == SETTING_NATIVE ? handle_fastpath_mmio(v, exit) : FASTPATH_NONE;
 	case KVM_EXIT_HLT:
 		/* handle_fastpath_hlt: KVM has stepped past the HLT. A wake-up already
 		 * pending ends it; else the vCPU halts (EXIT_HANDLED). */
@@ -275,22 +276,23 @@ bool vcpu_halt_in_core(struct vcpu *v, bool if_flag)
 	return true;
 }
 
-static void account(struct vcpu *v, enum fastpath fp)
+static void account(struct vcpu *v, const struct exit *exit)
 {
-	uint32_t reason = v->exit_reason < MAX_REASON ? v->exit_reason : MAX_REASON - 1;
+	enum fastpath fp = exit->fp;
+	uint32_t reason = exit->reason < MAX_REASON ? exit->reason : MAX_REASON - 1;
 	uint64_t *s = v->stats;
 	s[S_COUNT + reason]++;
 	if (fp != FASTPATH_REENTER_GUEST)
 		return;
 	s[S_FAST + reason]++;
-	bool icr = (v->exit_reason == KVM_EXIT_X86_WRMSR &&
-		    (v->exit_a == MSR_X2APIC_ICR || v->exit_a == MSR_X2APIC_SELF_IPI)) ||
-		   (v->exit_reason == KVM_EXIT_MMIO &&
-		    v->exit_a - v->apic.q[Q_BASE_ADDRESS] == XAPIC_ICR_LOW);
+	bool icr = (exit->reason == KVM_EXIT_X86_WRMSR &&
+		    (exit->a == MSR_X2APIC_ICR || exit->a == MSR_X2APIC_SELF_IPI)) ||
+		   (exit->reason == KVM_EXIT_MMIO &&
+		    exit->a - v->apic.q[Q_BASE_ADDRESS] == XAPIC_ICR_LOW);
 	if (icr)
 		s[S_ICR_FAST]++;
 	if (s[S_RECORD_TIME]) {
-		uint64_t dt = now_ns() - v->t_exit_ns;
+		uint64_t dt = now_ns() - exit->t_exit_ns;
 		s[S_FAST_TOTAL + reason] += dt;
 		hist_add(&s[S_HIST + reason * NBUCKETS], dt);
 		if (icr)
@@ -303,7 +305,7 @@ static void account(struct vcpu *v, enum fastpath fp)
  * complete (RET_EXIT, the verdict in *fp), events only Python injects (RET_EVENTS),
  * a stop, or an error. Called with the GIL released.
  */
-enum core_ret vcpu_enter_guest(struct vcpu *v)
+enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit)
 {
 	struct vm *vm = v->vm;
 	struct kvm_run *kr = v->run;
@@ -318,7 +320,8 @@ enum core_ret vcpu_enter_guest(struct vcpu *v)
 		atomic_store_explicit(&v->request, 0, memory_order_seq_cst);
 		if (slow_events(v) || timer_due(v) || !sync_cr8(v))
 			return RET_EVENTS;
-		if (!inject_pending_irq(v))
+		/* relaxed: set before the vCPUs run. Traced, Python injects (and records). */
+		if (!atomic_load_explicit(&vm->traced, memory_order_relaxed) && !inject_pending_irq(v))
 			return RET_ERROR;
 		/* Publish IN_GUEST, then re-check requests (the kick protocol). */
 		atomic_store_explicit(&v->mode, IN_GUEST, memory_order_seq_cst);
@@ -328,14 +331,14 @@ enum core_ret vcpu_enter_guest(struct vcpu *v)
 			continue;
 		}
 		send_posted_kicks(v);
-		if (run(v) < 0)
+		if (run(v, exit) < 0)
 			return RET_ERROR;
-		enum fastpath fp = handle_exit_irqoff(v);
-		v->fp = fp;
-		account(v, fp);
+		enum fastpath fp = handle_exit_irqoff(v, exit);
+		exit->fp = fp;
+		account(v, exit);
 		if (fp == FASTPATH_REENTER_GUEST)
 			continue;
-		if (fp == FASTPATH_EXIT_HANDLED && v->exit_reason == KVM_EXIT_HLT &&
+		if (fp == FASTPATH_EXIT_HANDLED && exit->reason == KVM_EXIT_HLT &&
 		    vcpu_halt_in_core(v, kr->if_flag))
 			continue;
 		v->stats[S_HANDED_OVER]++;
