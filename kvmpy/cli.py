@@ -79,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="IMAGE is a raw 32-bit binary, loaded and entered at 1 MiB")
     run.add_argument("--serial", dest="serial", metavar="FILE",
                      help="write the serial console to FILE instead of stdout")
-    run.add_argument("--no-fastpath", dest="fastpath", action="store_false",
-                     help="send every ICR write through the ordinary exit dispatch")
+    run.add_argument("--fastpath", dest="fastpath", choices=("native", "python", "off"),
+                     default="native", help="native: the C fastpath before the GIL "
+                     "(default); python: exits.handle_exit_irqoff under the GIL, where a "
+                     "change is prototyped; off: every exit to the ordinary dispatch")
+    run.add_argument("--no-fastpath", dest="fastpath", action="store_const", const="off",
+                     help="the same as --fastpath off")
     run.add_argument("--halt-poll-ns", dest="halt_poll_ns", type=int, default=None,
                      metavar="NS", help="longest halt-polling window (KVM's halt_poll_ns; "
                      f"default {HALT_POLL_NS_DEFAULT}, 0 never polls)")
@@ -194,6 +198,11 @@ def cmd_run(args: argparse.Namespace,
             if args.stat:
                 from kvmpy.report import print_exit_table
 
+                setting = machine.fastpath.name.lower()
+                if tracer is not None and setting == "native":
+                    setting = "python (native's place under --trace)"
+                print(f"kvmpy: fastpath {setting}, halt polling up to "
+                      f"{machine.halt_poll_max_ns} ns", file=sys.stderr)
                 print_exit_table(result.stats, file=sys.stderr)
             if args.plot:
                 from kvmpy.plot import plot_exit_histograms
@@ -256,6 +265,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from kvmpy import _core
     from kvmpy.kvm import Kvm
     from kvmpy.kvm import ioctls as k
     from kvmpy.kvm.system import REQUIRED_CAPS
@@ -267,6 +277,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             name = k.CAPABILITY_NAMES.get(cap, str(cap))
             print(f"{name}: {kvm.check_extension(cap)}")
         print(f"KVM_CAP_MAX_VCPUS: {kvm.check_extension(k.KVM_CAP_MAX_VCPUS)}")
+        print(f"native exit core: {_core.__file__}")
+        print("fastpath settings: native (default), python, off")
     finally:
         kvm.close()
     return 0

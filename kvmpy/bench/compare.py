@@ -1,4 +1,5 @@
-"""Many alternated runs of kvmpy-fast, kvmpy-slow and kernel, and their statistical verdict.
+"""Many alternated runs of kvmpy-fast (native fastpath), kvmpy-python, kvmpy-slow and kernel,
+and their statistical verdict.
 
 `kvmpy bench ipi --compare` runs the bundled ipi_bench guest, `kvmpy bench vmexit` runs
 kvm-unit-tests' vmexit.flat (kvmpy/bench/vmexit.py); both go through `run_comparison`:
@@ -34,11 +35,13 @@ from kvmpy.bench.stats import (
     verdict,
 )
 
-CONFIGS = ("kvmpy-fast", "kvmpy-slow", "kernel")
+CONFIGS = ("kvmpy-fast", "kvmpy-python", "kvmpy-slow", "kernel")
 # (label, A, B, subject of the verdict): A/B in time, lower is faster.
 PAIRS = (
-    ("fast/slow", "kvmpy-fast", "kvmpy-slow", "fastpath"),
-    ("fast/kernel", "kvmpy-fast", "kernel", "kvmpy fastpath"),
+    ("fast/slow", "kvmpy-fast", "kvmpy-slow", "native fastpath"),
+    ("fast/python", "kvmpy-fast", "kvmpy-python", "native fastpath"),
+    ("python/slow", "kvmpy-python", "kvmpy-slow", "Python fastpath"),
+    ("fast/kernel", "kvmpy-fast", "kernel", "kvmpy native fastpath"),
 )
 DEFAULT_RUNS = 10
 
@@ -230,8 +233,9 @@ def add_compare_options(p: argparse.ArgumentParser, *, flag: bool) -> None:
 def add_vmexit_parser(bench_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = bench_sub.add_parser(
         "vmexit", allow_abbrev=False,
-        help="kvm-unit-tests' vmexit.flat (ipi, ipi_halt) under kvmpy fastpath, "
-        "--no-fastpath and the in-kernel APIC, alternated, with bootstrap CIs")
+        help="kvm-unit-tests' vmexit.flat (ipi, ipi_halt) under kvmpy's native fastpath, "
+        "--fastpath python, --no-fastpath and the in-kernel APIC, alternated, with bootstrap "
+        "CIs")
     p.add_argument("--kut-dir", metavar="DIR", default=os.environ.get("KVMPY_KUT_DIR"),
                    help="a built kvm-unit-tests tree (default: $KVMPY_KUT_DIR)")
     p.add_argument("--tests", nargs="+", default=["ipi", "ipi_halt"], metavar="NAME",
