@@ -158,9 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace,
             configure: Callable[[MachineConfig], None] | None = None) -> int:
     """`kvmpy run`; `configure` may adjust the MachineConfig first (kvmpy-qemu does)."""
+    from kvmpy.corebuild import warning
     from kvmpy.cpumodel import parse_cpu
     from kvmpy.machine import STATUS_TERMINATED, Machine, MachineConfig
 
+    stale = warning()
+    if stale:
+        print(stale, file=sys.stderr)
     image_path = Path(args.image)
     if args.trace_events is not None and not args.trace:
         raise KvmpyError("--trace-events needs --trace FILE.json")

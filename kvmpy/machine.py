@@ -305,14 +305,6 @@ class Machine:
 
     def start(self) -> None:
         if self.tracer is not None:
-            # Under --trace every exit and injection is handled (and recorded) in
-            # Python: the native fastpath's place is taken by Python's handle_exit_irqoff,
-            # which does the same work.
-            self.core.set(traced=1)
-            if self.fastpath is FastpathSetting.NATIVE:
-                for vcpu in self.vcpus:
-                    if vcpu.setting is FastpathSetting.NATIVE:
-                        vcpu.setting = FastpathSetting.PYTHON
             if threading.current_thread() is threading.main_thread():
                 self.tracer.install_signal_probe(KICK_SIGNAL)
         self._started = True

@@ -159,8 +159,7 @@ class Vcpu:
         self.apic = apic
         self.setting = FastpathSetting.parse(fastpath) if apic is not None \
             else FastpathSetting.OFF
-        # Python's handle_exit_irqoff acts only with --fastpath python (and, under
-        # --trace, in place of the native one: the trace records Python's handling).
+        # Python's handle_exit_irqoff acts only with --fastpath python.
         self.fastpath_enabled = self.setting is not FastpathSetting.OFF
         self.stats = stats
         # The core's statistics for this vCPU (kvmpy/native/core.h S_*), filled by C.
@@ -254,13 +253,10 @@ class Vcpu:
                     self._block_until_runnable()
                     continue
                 self._inject_pending_events()
-                t_enter = tracing.now_ns() if tr is not None else 0
-                got = self.run()
+                got = self.run()  # the core records each KVM_RUN in this vCPU's native ring
                 if got is None:
                     continue
                 exit, fp, t0 = got
-                if tr is not None:
-                    tr.ran(t_enter, exit)
                 reason = exit[0]
                 if python_fastpath:
                     fp = handle_exit_irqoff(self, exit)
@@ -287,6 +283,8 @@ class Vcpu:
                         stats.icr_slow_time.add(dt)
         finally:
             _this_thread.vcpu = None  # the thread may run other code later (tests)
+            if tr is not None and tr.native is not None:
+                tr.native_count = self.core.trace_count(self.index)
 
     def collect_stats(self) -> ExitStats:
         """This vCPU's statistics: Python's, plus what the core counted."""

@@ -377,7 +377,7 @@ SIDES = ("c", "python", "fastpath", "fastpath-untimed", "fastpath-python", "fast
 TITLES = {"c": "C floor", "python": "bare Python", "fastpath": "kvmpy native fastpath",
           "fastpath-untimed": "native, no timing",
           "fastpath-python": "kvmpy --fastpath python",
-          "fastpath-traced": "python fastpath, traced", "slowpath": "kvmpy --fastpath off"}
+          "fastpath-traced": "native fastpath, traced", "slowpath": "kvmpy --fastpath off"}
 
 
 @dataclass(frozen=True)

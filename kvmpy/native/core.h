@@ -127,6 +127,11 @@ struct vcpu {
 	/* Halt polling (KVM's vcpu->halt_poll_ns). Owner-only. */
 	uint64_t halt_poll_ns;
 	int err;                  /* errno of a failed KVM_RUN / KVM_INTERRUPT */
+	/* --trace: this vCPU's native ring (kvmpy/tracing/recorder.py's records, four
+	 * int64 each), written only by this vCPU's thread; NULL when not tracing. */
+	int64_t *trace;
+	uint64_t trace_cap;       /* records */
+	uint64_t trace_count;     /* records ever written (owner; read after the VM stops) */
 };
 
 /* What run() returns: the exit, read once from kvm_run (kvmpy/vcpu.py Exit). It lives
@@ -149,8 +154,28 @@ struct vm {
 	uint64_t halt_poll_max_ns;
 	_Atomic int setting;       /* enum fastpath_setting */
 	_Atomic int renumbered;    /* an APIC ID is not its index: IPIs take Python's route */
-	_Atomic int traced;        /* --trace: every exit and injection is Python's, recorded */
 };
+
+/* Trace record kinds, SEND flags and KICK hows: kvmpy/tracing/recorder.py's. */
+enum { TR_DONE = 3, TR_INJECT = 4, TR_EOI = 5, TR_BLOCK = 7, TR_WOKE = 8, TR_UNBLOCK = 9,
+       TR_SEND = 10, TR_KICK = 11, TR_RUN = 14 };
+enum { SEND_COALESCED = 1, SEND_REJECTED = 2 };
+enum { KICK_HOW_NONE = 0, KICK_HOW_SIGNAL = 1, KICK_HOW_WAKE = 2, KICK_HOW_SELF = 3 };
+
+uint64_t now_ns(void);
+
+/* One trace record in this vCPU's ring (owner thread only; wraps over the oldest). */
+static inline void trace_rec(struct vcpu *v, int64_t kind, int64_t a, int64_t b)
+{
+	if (!v->trace)
+		return;
+	int64_t *r = &v->trace[(v->trace_count % v->trace_cap) * 4];
+	r[0] = (int64_t)now_ns();
+	r[1] = kind;
+	r[2] = a;
+	r[3] = b;
+	v->trace_count++;
+}
 
 static inline bool v_record_time(const struct vcpu *v)
 {
@@ -169,7 +194,7 @@ enum fastpath lapic_eoi_fast(struct vcpu *v);
 enum fastpath lapic_x2apic_icr_write_fast(struct vcpu *v, uint64_t value);
 
 /* kick.c: the kick protocol, halt polling and blocking. */
-void kvm_vcpu_kick(struct vcpu *target, struct vcpu *poster);
+int kvm_vcpu_kick(struct vcpu *target, struct vcpu *poster);
 void send_posted_kicks(struct vcpu *v);
 void kick_signal(struct vcpu *target);
 void kick_wake(struct vcpu *target);
@@ -177,7 +202,6 @@ void kick_install_signal_handler(void);
 bool kvm_vcpu_poll(struct vcpu *v, uint64_t end_ns);
 bool kvm_vcpu_block_wait(struct vcpu *v, int64_t timeout_ns);
 bool kvm_vcpu_may_poll(struct vcpu *v);
-uint64_t now_ns(void);
 void hist_add(uint64_t *hist, uint64_t ns);
 
 /* vcpu_loop.c: the run loop. */

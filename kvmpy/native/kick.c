@@ -92,9 +92,9 @@ void kick_wake(struct vcpu *t)
  * Hot: no allocation, no lock, no logging. `poster` is the calling vCPU (its exit
  * handling), or NULL for another thread: a vCPU posts the signal or wake-up and sends
  * it just before its own next KVM_RUN (send_posted_kicks), so the woken thread does
- * not wake into a sender that is still busy with its exit.
+ * not wake into a sender that is still busy with its exit. Returns the mode it read.
  */
-void kvm_vcpu_kick(struct vcpu *target, struct vcpu *poster)
+int kvm_vcpu_kick(struct vcpu *target, struct vcpu *poster)
 {
 	/* seq_cst: ordered after the event's publication and before the mode load. */
 	atomic_store_explicit(&target->request, 1, memory_order_seq_cst);
@@ -102,7 +102,7 @@ void kvm_vcpu_kick(struct vcpu *target, struct vcpu *poster)
 	int mode = atomic_load_explicit(&target->mode, memory_order_seq_cst);
 	if (mode == IN_GUEST) {
 		if (target == poster)
-			return; /* our own exit: the loop top sees the request */
+			return mode; /* our own exit: the loop top sees the request */
 		if (target->run)
 			/* relaxed: KVM reads it at entry; the signal covers an entry under way. */
 			atomic_store_explicit((_Atomic uint8_t *)&target->run->immediate_exit, 1,
@@ -122,6 +122,7 @@ void kvm_vcpu_kick(struct vcpu *target, struct vcpu *poster)
 		}
 	}
 	/* POLLING: the poller watches `request`. OUTSIDE_GUEST: its loop top will. */
+	return mode;
 }
 
 /* Send the kicks this vCPU's exit handling posted (its own thread). A posted kick is

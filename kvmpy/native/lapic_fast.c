@@ -78,9 +78,18 @@ bool lapic_halt_ends_at_once(struct vcpu *v, bool if_flag)
 
 /* LocalApic.accept_fixed for a legal vector with edge trigger, then the kick
  * (ApicBus._deliver: publish, then notify). */
-static void deliver_fixed(struct vcpu *src, struct vcpu *t, int vector)
+static void deliver_fixed(struct vcpu *src, struct vcpu *t, int vector, int dm)
 {
 	struct lapic *a = &t->apic;
+	if (src->trace) { /* before the IRR store, as Tracer.send */
+		int flags = 0;
+		if (!a->r[R_SW_ENABLED] || a->r[R_MODE] == APIC_DISABLED)
+			flags = SEND_REJECTED;
+		else if (atomic_load_explicit((_Atomic uint8_t *)&a->irr[vector],
+					      memory_order_relaxed))
+			flags = SEND_COALESCED;
+		trace_rec(src, TR_SEND, t->index, vector | dm << 8 | flags << 12);
+	}
 	if (!a->r[R_SW_ENABLED] || a->r[R_MODE] == APIC_DISABLED) {
 		atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_RX_REJECTED], 1,
 					  memory_order_relaxed);
@@ -92,7 +101,11 @@ static void deliver_fixed(struct vcpu *src, struct vcpu *t, int vector)
 	/* release: publishes the interrupt before the kick's seq_cst request store. */
 	atomic_store_explicit((_Atomic uint8_t *)&a->irr[vector], 1, memory_order_release);
 	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_RX_FIXED], 1, memory_order_relaxed);
-	kvm_vcpu_kick(t, src);
+	int mode = kvm_vcpu_kick(t, src);
+	if (src->trace)
+		trace_rec(src, TR_KICK, t->index,
+			  mode == IN_GUEST ? (t == src ? KICK_HOW_SELF : KICK_HOW_SIGNAL)
+			  : mode == BLOCKED ? KICK_HOW_WAKE : KICK_HOW_NONE);
 }
 
 /* destination.py match_physical (SDM 10.6.2.1) */
@@ -167,7 +180,7 @@ enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest
 	atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_SENT], 1, memory_order_relaxed);
 
 	if (sh == SH_SELF) {
-		deliver_fixed(src, src, vector);
+		deliver_fixed(src, src, vector, dm);
 		return FASTPATH_REENTER_GUEST;
 	}
 	bool logical = low & ICR_DEST_LOGICAL;
@@ -175,7 +188,7 @@ enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest
 	if (!broadcast && !logical) {
 		struct vcpu *t = dest < (uint32_t)vm->nvcpus ? vm->vcpus[dest] : NULL;
 		if (t && t->apic.r[R_MODE] != APIC_DISABLED && match_physical(t, dest))
-			deliver_fixed(src, t, vector);
+			deliver_fixed(src, t, vector, dm);
 		else
 			atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_NO_TARGET], 1,
 						  memory_order_relaxed);
@@ -185,7 +198,7 @@ enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest
 	if (dm == DM_LOWEST) {
 		struct vcpu *t = lowest_priority(src, vector, dest, broadcast, skip);
 		if (t)
-			deliver_fixed(src, t, vector);
+			deliver_fixed(src, t, vector, dm);
 		else
 			atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_NO_TARGET], 1,
 						  memory_order_relaxed);
@@ -196,7 +209,7 @@ enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest
 		if (t == skip || t->apic.r[R_MODE] == APIC_DISABLED)
 			continue;
 		if (broadcast || match_logical(t, dest))
-			deliver_fixed(src, t, vector);
+			deliver_fixed(src, t, vector, dm);
 	}
 	return FASTPATH_REENTER_GUEST;
 }
@@ -220,7 +233,7 @@ enum fastpath lapic_self_ipi_fast(struct vcpu *v, uint64_t value)
 		return FASTPATH_NONE;
 	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_SELF_IPI], 1, memory_order_relaxed);
 	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_IPI_SENT], 1, memory_order_relaxed);
-	deliver_fixed(v, v, (int)value);
+	deliver_fixed(v, v, (int)value, DM_FIXED);
 	return FASTPATH_REENTER_GUEST;
 }
 
@@ -239,6 +252,7 @@ enum fastpath lapic_eoi_fast(struct vcpu *v)
 	a->isr[vector] = 0;
 	lapic_update_ppr(v);
 	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_EOI], 1, memory_order_relaxed);
+	trace_rec(v, TR_EOI, vector, 0);
 	return FASTPATH_REENTER_GUEST;
 }
 

@@ -12,7 +12,7 @@
 
 #include "core.h"
 
-enum { B_RUN, B_IRR, B_ISR, B_TMR, B_REGS, B_STATS, NBUF };
+enum { B_RUN, B_IRR, B_ISR, B_TMR, B_REGS, B_STATS, B_TRACE, NBUF };
 
 struct slot {
 	struct vcpu v;
@@ -109,7 +109,7 @@ static int get_buf(PyObject *obj, Py_buffer *view, Py_ssize_t min_len, const cha
 static PyObject *Core_attach(CoreObject *self, PyObject *args)
 {
 	int i, fd;
-	PyObject *objs[NBUF];
+	PyObject *objs[B_TRACE];
 	if (!PyArg_ParseTuple(args, "iiOOOOOO", &i, &fd, &objs[B_RUN], &objs[B_IRR], &objs[B_ISR],
 			      &objs[B_TMR], &objs[B_REGS], &objs[B_STATS]))
 		return NULL;
@@ -120,10 +120,10 @@ static PyObject *Core_attach(CoreObject *self, PyObject *args)
 		PyErr_Format(PyExc_ValueError, "vCPU %d is already attached", i);
 		return NULL;
 	}
-	static const char *names[NBUF] = {"kvm_run", "irr", "isr", "tmr", "regs", "stats"};
-	Py_ssize_t lens[NBUF] = {sizeof(struct kvm_run), 256, 256, 256, REGS_BYTES,
+	static const char *names[B_TRACE] = {"kvm_run", "irr", "isr", "tmr", "regs", "stats"};
+	Py_ssize_t lens[B_TRACE] = {sizeof(struct kvm_run), 256, 256, 256, REGS_BYTES,
 				 S_NWORDS * 8};
-	for (int b = 0; b < NBUF; b++) {
+	for (int b = 0; b < B_TRACE; b++) {
 		if (b == B_RUN && objs[b] == Py_None)
 			continue;
 		if (get_buf(objs[b], &s->buf[b], lens[b], names[b]) < 0) {
@@ -326,6 +326,36 @@ static PyObject *Core_poll_end(CoreObject *self, PyObject *args)
 	Py_RETURN_NONE;
 }
 
+/* trace_attach(index, buffer): record into `buffer` (4 int64 per record) from now on. */
+static PyObject *Core_trace_attach(CoreObject *self, PyObject *args)
+{
+	int i;
+	PyObject *obj;
+	if (!PyArg_ParseTuple(args, "iO", &i, &obj))
+		return NULL;
+	struct slot *s = get_slot(self, i, true);
+	if (!s)
+		return NULL;
+	if (s->buf[B_TRACE].obj) {
+		PyErr_Format(PyExc_ValueError, "vCPU %d already has a trace ring", i);
+		return NULL;
+	}
+	if (get_buf(obj, &s->buf[B_TRACE], 32, "trace ring") < 0)
+		return NULL;
+	s->v.trace_cap = (uint64_t)s->buf[B_TRACE].len / 32;
+	s->v.trace_count = 0;
+	s->v.trace = s->buf[B_TRACE].buf;
+	Py_RETURN_NONE;
+}
+
+static PyObject *Core_trace_count(CoreObject *self, PyObject *args)
+{
+	struct vcpu *v;
+	if (parse_index(self, args, &v) < 0)
+		return NULL;
+	return PyLong_FromUnsignedLongLong(v->trace_count);
+}
+
 /* busy() -> the vCPU threads not asleep (the hang detector's and polling's count). */
 static PyObject *Core_busy(CoreObject *self, PyObject *noargs)
 {
@@ -436,14 +466,11 @@ static PyObject *Core_inject(CoreObject *self, PyObject *args)
 
 static PyObject *Core_set(CoreObject *self, PyObject *args, PyObject *kwds)
 {
-	static char *kw[] = {"setting", "renumbered", "halt_poll_max_ns", "traced", NULL};
-	int setting = -1, renumbered = -1, traced = -1;
+	static char *kw[] = {"setting", "renumbered", "halt_poll_max_ns", NULL};
+	int setting = -1, renumbered = -1;
 	long long poll_max = -1;
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|iiLi", kw, &setting, &renumbered, &poll_max,
-					 &traced))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|iiL", kw, &setting, &renumbered, &poll_max))
 		return NULL;
-	if (traced >= 0)
-		atomic_store_explicit(&self->vm.traced, traced, memory_order_relaxed);
 	if (setting >= SETTING_OFF && setting <= SETTING_NATIVE)
 		atomic_store_explicit(&self->vm.setting, setting, memory_order_relaxed);
 	if (renumbered >= 0)
@@ -483,6 +510,8 @@ static PyMethodDef Core_methods[] = {
 	{"poll_end", (PyCFunction)Core_poll_end, METH_VARARGS, ""},
 	{"may_poll", (PyCFunction)Core_may_poll, METH_VARARGS, ""},
 	{"busy", (PyCFunction)Core_busy, METH_NOARGS, "vCPU threads not asleep"},
+	{"trace_attach", (PyCFunction)Core_trace_attach, METH_VARARGS, "native trace ring"},
+	{"trace_count", (PyCFunction)Core_trace_count, METH_VARARGS, "records written"},
 	{"take_request", (PyCFunction)Core_take_request, METH_VARARGS, ""},
 	{"mode", (PyCFunction)Core_mode, METH_VARARGS, ""},
 	{"fast_wrmsr", (PyCFunction)Core_fast_wrmsr, METH_VARARGS, ""},

@@ -53,6 +53,7 @@ bool inject_pending_irq(struct vcpu *v)
 	}
 	if (run->ready_for_interrupt_injection && run->if_flag) {
 		lapic_ack(v, vector);
+		trace_rec(v, TR_INJECT, vector, 0); /* before the ioctl, as Python's */
 		struct kvm_interrupt irq = {.irq = (uint32_t)vector};
 		if (v->fd >= 0 && ioctl(v->fd, KVM_INTERRUPT, &irq) < 0) {
 			v->err = errno;
@@ -87,6 +88,7 @@ bool sync_cr8(struct vcpu *v)
 static int run(struct vcpu *v, struct exit *exit)
 {
 	struct kvm_run *kr = v->run;
+	uint64_t t_enter = v->trace ? now_ns() : 0;
 	int ret = ioctl(v->fd, KVM_RUN, 0);
 	int err = errno;
 	exit->t_exit_ns = now_ns();
@@ -100,6 +102,7 @@ static int run(struct vcpu *v, struct exit *exit)
 					      memory_order_relaxed);
 			exit->reason = KVM_EXIT_INTR;
 			exit->a = exit->b = exit->c = 0;
+			trace_rec(v, TR_RUN, KVM_EXIT_INTR, (int64_t)t_enter);
 			return 0;
 		}
 		v->err = err;
@@ -127,6 +130,8 @@ static int run(struct vcpu *v, struct exit *exit)
 	default:
 		exit->a = exit->b = exit->c = 0;
 	}
+	/* one RUN record per KVM_RUN: a = reason | detail << 8, b = entry time */
+	trace_rec(v, TR_RUN, (int64_t)(reason | exit->a << 8), (int64_t)t_enter);
 	return 0;
 }
 
@@ -167,14 +172,13 @@ static enum fastpath handle_fastpath_mmio(struct vcpu *v, const struct exit *exi
  * The seed's fastpath (vmx_handle_exit_irqoff -> handle_fastpath_set_msr_irqoff):
  * right after the exit, before the GIL. Returns upstream's fastpath_t, never a fake
  * exit reason. A kick's EINTR re-enters in every setting but --fastpath python, which
- * hands every exit to Python's handle_exit_irqoff, and --trace, under which Python
- * handles (and records) every exit.
+ * hands every exit to Python's handle_exit_irqoff.
  */
 enum fastpath handle_exit_irqoff(struct vcpu *v, struct exit *exit)
 {
 	/* relaxed: the setting is chosen before the vCPUs run (tracing may change it). */
 	int setting = atomic_load_explicit(&v->vm->setting, memory_order_relaxed);
-	if (setting == SETTING_PYTHON || atomic_load_explicit(&v->vm->traced, memory_order_relaxed))
+	if (setting == SETTING_PYTHON)
 		return FASTPATH_NONE;
 	switch (exit->reason) {
 	case KVM_EXIT_INTR:
@@ -238,12 +242,14 @@ bool vcpu_halt_in_core(struct vcpu *v, bool if_flag)
 			end = deadline; /* the timer is the sleeper's business */
 		/* seq_cst: as IN_GUEST; a sender that reads POLLING does nothing more. */
 		atomic_store_explicit(&v->mode, POLLING, memory_order_seq_cst);
+		trace_rec(v, TR_BLOCK, 1, 0);
 		for (;;) {
 			/* seq_cst: clear, then re-check, then watch. */
 			atomic_store_explicit(&v->request, 0, memory_order_seq_cst);
 			if (halt_over(v)) {
 				atomic_store_explicit(&v->mode, OUTSIDE_GUEST, memory_order_seq_cst);
 				v->stats[S_HALT_POLL_OK]++;
+				trace_rec(v, TR_UNBLOCK, 1, 0);
 				return true;
 			}
 			if (!kvm_vcpu_poll(v, end))
@@ -254,6 +260,9 @@ bool vcpu_halt_in_core(struct vcpu *v, bool if_flag)
 	/* seq_cst: a sender that reads BLOCKED leaves a token and wakes the futex. */
 	atomic_store_explicit(&v->mode, BLOCKED, memory_order_seq_cst);
 	atomic_fetch_sub_explicit(&vm->busy, 1, memory_order_relaxed);
+	if (!poll_ns || !v->trace_count || v->trace[((v->trace_count - 1) % v->trace_cap) * 4 + 1]
+	    != TR_BLOCK)
+		trace_rec(v, TR_BLOCK, 1, 0); /* unless the poll's BLOCK stands */
 	for (;;) {
 		/* seq_cst: drop a stale token, then re-check: a token left after this store
 		 * is seen by the futex wait (its value is no longer 0). */
@@ -266,10 +275,12 @@ bool vcpu_halt_in_core(struct vcpu *v, bool if_flag)
 			uint64_t now = now_ns();
 			timeout = deadline > now ? (int64_t)(deadline - now) : 0;
 		}
-		kvm_vcpu_block_wait(v, timeout);
+		bool woken = kvm_vcpu_block_wait(v, timeout);
+		trace_rec(v, TR_WOKE, woken, 0);
 	}
 	atomic_fetch_add_explicit(&vm->busy, 1, memory_order_relaxed);
 	atomic_store_explicit(&v->mode, OUTSIDE_GUEST, memory_order_seq_cst);
+	trace_rec(v, TR_UNBLOCK, 1, 0);
 	v->stats[S_HALT_SLEPT]++;
 	if (vm->halt_poll_max_ns)
 		adapt_halt_poll(v, now_ns() - start);
@@ -320,8 +331,7 @@ enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit)
 		atomic_store_explicit(&v->request, 0, memory_order_seq_cst);
 		if (slow_events(v) || timer_due(v) || !sync_cr8(v))
 			return RET_EVENTS;
-		/* relaxed: set before the vCPUs run. Traced, Python injects (and records). */
-		if (!atomic_load_explicit(&vm->traced, memory_order_relaxed) && !inject_pending_irq(v))
+		if (!inject_pending_irq(v))
 			return RET_ERROR;
 		/* Publish IN_GUEST, then re-check requests (the kick protocol). */
 		atomic_store_explicit(&v->mode, IN_GUEST, memory_order_seq_cst);
@@ -336,8 +346,10 @@ enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit)
 		enum fastpath fp = handle_exit_irqoff(v, exit);
 		exit->fp = fp;
 		account(v, exit);
-		if (fp == FASTPATH_REENTER_GUEST)
+		if (fp == FASTPATH_REENTER_GUEST) {
+			trace_rec(v, TR_DONE, exit->reason, 1);
 			continue;
+		}
 		if (fp == FASTPATH_EXIT_HANDLED && exit->reason == KVM_EXIT_HLT &&
 		    vcpu_halt_in_core(v, kr->if_flag))
 			continue;
