@@ -203,10 +203,9 @@ def cmd_run(args: argparse.Namespace,
                 from kvmpy.report import print_exit_table
 
                 setting = machine.fastpath.name.lower()
-                if tracer is not None and setting == "native":
-                    setting = "python (native's place under --trace)"
                 print(f"kvmpy: fastpath {setting}, halt polling up to "
-                      f"{machine.halt_poll_max_ns} ns", file=sys.stderr)
+                      f"{machine.halt_poll_max_ns} ns, vCPU threads {machine.pinning[1]}",
+                      file=sys.stderr)
                 print_exit_table(result.stats, file=sys.stderr)
             if args.plot:
                 from kvmpy.plot import plot_exit_histograms

@@ -10,6 +10,7 @@ message are the result, and every vCPU thread is kicked out and joined.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -308,6 +309,7 @@ class Machine:
             if threading.current_thread() is threading.main_thread():
                 self.tracer.install_signal_probe(KICK_SIGNAL)
         self._started = True
+        _ = self.pinning  # decided before the vCPU threads add to the load
         self.timers.start()
         if self.pit_irq0 is not None:
             self.pit_irq0.reschedule()  # the PIT counts from reset (mode 3, 18.2 Hz)
@@ -318,16 +320,35 @@ class Machine:
             t.start()
 
     def host_cpu_for(self, vcpu: Vcpu) -> int | None:
-        """The host CPU vCPU thread `vcpu` is pinned to, or None (see pin_vcpus).
+        """The host CPU vCPU thread `vcpu` is pinned to, or None (see `pinning`)."""
+        return self.pinning[0][vcpu.index] if self.pinning[0] else None
+
+    @functools.cached_property
+    def pinning(self) -> tuple[list[int], str]:
+        """Where the vCPU threads go (`--pin-vcpus`), decided once at start, and why.
 
         Why pin: a vCPU that wakes another (an IPI to a halted target) would otherwise
         often have the target placed on its own core by the scheduler's wake-affine
-        logic, preempting the sender, which still holds the GIL: two context switches
-        per IPI. Measured here: vmexit_ipi 185 -> 100 us p50 with 2 vCPUs on 2 cores."""
-        pin = self.config.pin_vcpus
-        if pin == "off" or (pin == "auto" and len(self.vcpus) > self._host_cpus):
-            return None
-        return self._host_cpu_list[vcpu.index % self._host_cpus]
+        logic, preempting the sender: two context switches per IPI. Measured here:
+        vmexit_ipi 185 -> 100 us p50 with 2 vCPUs on 2 cores. But a pinned thread
+        cannot leave a core that other work keeps busy, so "auto" pins only when the
+        vCPUs fit on the host's CPUs beside the load already there (the 1-minute load
+        average, taken before the vCPUs run). Returns (host CPU per vCPU, or [] for
+        none; the reason, which `--stat` prints)."""
+        pin, n, cpus = self.config.pin_vcpus, len(self.vcpus), self._host_cpus
+        spread = [self._host_cpu_list[i % cpus] for i in range(n)]
+        if pin == "off":
+            return [], "not pinned (--pin-vcpus off)"
+        if pin == "on":
+            return spread, "pinned round-robin (--pin-vcpus on)"
+        if n > cpus:
+            return [], f"not pinned (auto: {n} vCPUs > {cpus} host CPUs)"
+        load = os.getloadavg()[0]
+        if n + load > cpus + 0.5:
+            return [], (f"not pinned (auto: {n} vCPUs + host load {load:.1f} do not fit "
+                        f"{cpus} host CPUs)")
+        return spread, (f"pinned to host CPUs {','.join(map(str, spread))} (auto: {n} vCPUs "
+                        f"+ host load {load:.1f} fit {cpus} host CPUs)")
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         try:

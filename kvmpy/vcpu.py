@@ -462,8 +462,12 @@ class Vcpu:
         core.sleep_begin(i)  # sends this vCPU's posted kicks first
         machine.note_blocked(self, True)
         try:
-            while not machine.stopping:
+            while True:
+                # Drop a stale token, THEN look at the stop and the events: a stop (or
+                # kick) whose token this clear dropped has already published its cause.
                 core.wake_clear(i)
+                if machine.stopping:
+                    return
                 if self.state is VcpuState.WAIT_FOR_SIPI:
                     machine.poll_sipi(self)
                     if self.state is VcpuState.RUNNABLE:
