@@ -10,35 +10,47 @@ shared access per step; every step that models C names the file and function and
 quotes the statement (`Step.where`), and tests/test_kick_model.py checks that the
 quotes are still in kvmpy/native/*.c, in the model's order.
 
-Memory model. The search interleaves whole steps: it assumes sequential consistency.
- - `mode`, `request`, `wake` and `stopping` are accessed with memory_order_seq_cst
-   wherever the protocol depends on them (kick.c's header: "of 'sender reads mode'
-   and 'target re-checks request', seq_cst makes at least one see the other's
-   store"). C11 puts all seq_cst operations in one total order S consistent with
-   each thread's program order (C11 7.17.3p6), so among themselves these accesses
-   behave exactly as interleaved steps. (kvm_vcpu_poll's acquire load of `request`
-   and kvm_vcpu_block_wait's acquire load of `wake` only read; a stale read there is
-   another interleaving of the same steps.)
- - The other shared data are not in S: the IRR bytes (release store by the sender,
-   memrchr read by the target), `immediate_exit` (relaxed), kvm_run's flags (owner
-   and KVM). The model treats them as interleaved too, which the code gets from
-   x86-64 (the only architecture kvmpy runs on), not from C11 alone: gcc emits every
-   seq_cst store as `xchg` (or `mov; mfence`), a full barrier (SDM Vol. 3A 9.2.2:
-   loads and stores are not reordered with locked instructions, which have one total
-   order), and x86 orders store-store and load-load. The only reordering x86 allows,
-   a later load passing an earlier plain store, never crosses a step the protocol
-   relies on: each such plain store is followed by a seq_cst store before the
-   thread's next load that matters (sender: IRR byte, then `request`; target:
-   `immediate_exit = 0`, then `request = 0`; the ack of IRR, then `mode = IN_GUEST`;
-   kick_wake: `wake = 1`, then FUTEX_WAKE, which orders it, kernel/futex/waitwake.c).
-   Under the C11 model alone the target's plain IRR read after its seq_cst clear of
-   `request` (or `wake`) could miss a sender's IRR store that precedes the cleared
-   `request = 1` (the "R" / store-buffering shape): portable C would need a seq_cst
-   fence before those reads.
+Memory model. The search interleaves whole steps: it assumes every access it models is
+sequentially consistent (SC). What the C gives, and why that amounts to SC here:
+ - `mode`, `request`, `stopping`: every store is memory_order_seq_cst, and so is every
+   load the protocol decides on (the kick's read of mode, send_posted_kicks' re-read,
+   the re-check of request and stopping after IN_GUEST, halt_over's stopping, as
+   kick.c states at each access). C11 7.17.3 puts all seq_cst operations in one
+   total order S consistent with each thread's program order, so these accesses are
+   exactly interleaved steps; this is the Dekker pair of kick.c's header ("of 'sender
+   reads mode' and 'target re-checks request', seq_cst makes at least one see the
+   other's store"). The other loads only wait or leave early, and a stale value there
+   just means "later": kvm_vcpu_poll's acquire spin on request and relaxed look at
+   stopping (poll_spin waits until the store is seen), the loop top's acquire
+   stopping (the seq_cst re-check decides).
+ - `wake`: the clears are seq_cst, the token is a release store (kick_wake), the
+   waiter's loads are acquire, and FUTEX_WAIT compares it in the kernel. The protocol
+   reasons about the token through its modification order only (a token stored
+   before the clear is dropped, one after it is seen by FUTEX_WAIT), which C11
+   coherence gives for any atomic object.
+ - The data the protocol publishes are not in S: the IRR bytes (release store by the
+   sender, memrchr read by the target), `immediate_exit` (relaxed), kvm_run's flags.
+   The model interleaves them too, which the code gets from x86-64, kvmpy's only
+   architecture, not from C11 alone: gcc emits each seq_cst store as `xchg` (or
+   `mov; mfence`), a full barrier (SDM Vol. 3A 9.2.2: loads and stores are not
+   reordered with locked instructions, which have one total order; stores are not
+   reordered with stores, loads not with loads), and the one reordering x86 allows, a
+   load passing an earlier plain store, never crosses a step the protocol relies on:
+   each such store is followed by a seq_cst store before the thread's next load that
+   matters (sender: IRR byte, then request = 1; target: immediate_exit = 0, then
+   request = 0; the IRR ack, then mode = IN_GUEST; kick_wake: the token, then
+   FUTEX_WAKE, which orders it: kernel/futex/waitwake.c). tests/test_kick_model.py
+   checks the xchg in the built core. Under C11 alone, the target's plain IRR read
+   after its seq_cst clear of request (or of the token) could miss the IRR store of a
+   sender whose request = 1 that clear overwrote (the store-buffering shape): portable
+   C would need atomic_thread_fence(memory_order_seq_cst) before those reads.
+ - Python's steps run under the GIL, whose hand-offs are full barriers; its stores to
+   shared memory (accept_fixed's IRR byte through the bytearray) are followed by a
+   core call that makes a seq_cst store (core.kick), as the C sender's are.
  - The kernel's parts are atomic steps: FUTEX_WAIT compares the token and queues in
-   one step relative to FUTEX_WAKE (futex.2), pthread_kill makes a signal pending
-   that KVM_RUN turns into -EINTR (KVM checks signal_pending before every guest entry
-   and kicks a running vCPU), and KVM_RUN returns -EINTR at once when
+   one step relative to FUTEX_WAKE (futex(2)); pthread_kill makes a signal pending
+   that KVM_RUN turns into -EINTR (KVM checks signal_pending before each guest entry
+   and kicks a vCPU in guest mode); KVM_RUN returns -EINTR at once when
    `immediate_exit` is set at entry. A signal sent while the target is not inside
    KVM_RUN is assumed lost (its no-op handler may run before the ioctl).
 
@@ -82,12 +94,17 @@ the core's primitives (module.c), for a HLT the core handed over:
 
     py_hlt        handle_exit_irqoff's HLT: pending -> re-enter; else state = HALTED
     py_loop_top   run_loop: `while not machine.stopping`, then halted -> block;
-                  runnable -> py_inject (_inject_pending_events, as inject_*) -> core
+                  runnable -> inject_* (_inject_pending_events), py_to_core (core.run)
     py_poll_*     poll_begin (mode = POLLING, request = 0); per pass: stopping?,
                   _wakeup_pending(), poll (kvm_vcpu_poll; a request seen is cleared);
                   poll_end (mode = OUTSIDE)
-    py_sleep_*    sleep_begin (mode = BLOCKED); per pass: stopping?, wake_clear
-                  (wake = 0), _wakeup_pending(), wait (kvm_vcpu_block_wait); sleep_end
+    py_sleep_*    sleep_begin (mode = BLOCKED); per pass: stopping? (the `while`
+                  condition), wake_clear (wake = 0), _wakeup_pending(), wait
+                  (kvm_vcpu_block_wait); sleep_end. CPython may switch threads between
+                  the condition and wake_clear (the loop's backward jump checks the
+                  eval breaker): Config.py_sleep_stop "before_clear" is the code as
+                  written, whose stop can be missed; "after_clear" checks it after
+                  wake_clear
 
 Sender threads (lapic_fast.c deliver_fixed -> kick.c kvm_vcpu_kick; Python's senders
 do the same through ApicBus._deliver and Vcpu.kick -> core.kick):
@@ -159,8 +176,10 @@ class Config:
     halt_polling: bool = True  # explore halts that poll first (and ones that do not)
     python_halt: bool = True  # explore HLTs handed to Python (--fastpath python/off)
     # the core's loop top (vcpu_enter_guest)
-    stale_ie_clear: str = "top"  # "top" (before request = 0), "late" (after the
-    clear_ie_after_eintr: bool = True  # re-check: a mutation) or "never"
+    # where a stale immediate_exit is cleared: "top" (before request = 0), "late"
+    # (after the re-check: a mutation) or "never"
+    stale_ie_clear: str = "top"
+    clear_ie_after_eintr: bool = True
     clear_request_before_inject: bool = True
     mode_in_guest_before_recheck: bool = True
     recheck: bool = True
@@ -219,7 +238,6 @@ INJECT = f"{LOOP}:inject_pending_irq"
 RUN = f"{LOOP}:run"
 IRQOFF = f"{LOOP}:handle_exit_irqoff"
 HALT = f"{LOOP}:vcpu_halt_in_core"
-HALT_OVER = f"{LOOP}:halt_over"
 POLL = f"{KICK}:kvm_vcpu_poll"
 BLOCK = f"{KICK}:kvm_vcpu_block_wait"
 OUTSIDE_STORE = "atomic_store_explicit(&v->mode, OUTSIDE_GUEST, memory_order_seq_cst);"
