@@ -535,6 +535,9 @@ class _Machine:
     poll_sipi = machine_module.Machine.poll_sipi
     _notify_vcpu = machine_module.Machine._notify_vcpu
 
+    def note_blocked(self, vcpu: Vcpu, blocked: bool) -> None:
+        pass
+
 
 class _Fd:
     """A model vCPU's fd: kvm_run memory for the core (fd -1: no KVM_RUN)."""
@@ -605,3 +608,46 @@ def test_halted_vcpu_wakeup_condition(nmi, irr, if_flag, wakes):
         system[1].accept_nmi()
     assert vcpu._wakeup_pending() is wakes
     assert vcpu.mode is VcpuMode.OUTSIDE_GUEST
+
+
+@pytest.mark.xfail(_python_sleep_stop_order() == "before_clear", strict=True,
+                   reason="vcpu.py _sleep_until_runnable checks machine.stopping before "
+                          "core.wake_clear: the stop's wake-up is dropped")
+def test_python_sleep_sees_a_stop_that_lands_just_before_wake_clear():
+    """The model's counterexample on the real _sleep_until_runnable: a wake-up that
+    does not end the halt (a timer tick, EINTR), the loop's condition reads
+    `stopping` False, CPython switches threads at the backward jump, Machine.stop runs
+    (stopping, then core.stop's token), then wake_clear. The sleeper must not wait
+    again without the stop's token."""
+    system = make_system(2, x2apic=True)
+    vcpus, machine = model_vcpus(system)
+    vcpu = vcpus[1]
+    vcpu.state = VcpuState.HALTED
+    vcpu.view.u8[kr.IF_FLAG] = 0  # cli; hlt: nothing but NMI/INIT/stop ends it
+    real = vcpu.core
+    clears = 0
+    waits_after_stop: list[bool] = []
+
+    class StopBeforeSecondClear:
+        def __getattr__(self, name: str):
+            return getattr(real, name)
+
+        def wake_clear(self, i: int) -> None:
+            nonlocal clears
+            clears += 1
+            if clears == 2:  # Machine.stop, run at the eval-breaker point
+                machine.stopping = True
+                real.stop()
+            real.wake_clear(i)
+
+        def wait(self, i: int, timeout: int) -> bool:
+            if not machine.stopping:
+                return False  # the wake-up that does not end the halt
+            woke = real.wait(i, 200_000_000)  # bounded: the real one would hang
+            waits_after_stop.append(woke)
+            return woke
+
+    vcpu.core = StopBeforeSecondClear()  # type: ignore[assignment]
+    vcpu._sleep_until_runnable()
+    assert clears == 2
+    assert waits_after_stop in ([], [True]), "waited after the stop with its token dropped"
