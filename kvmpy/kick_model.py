@@ -602,7 +602,7 @@ def target_program(cfg: Config) -> list[Step]:  # noqa: C901 - one closure per s
         Step("mode_outside", (RUN, OUTSIDE_STORE), mode_outside),
         Step("clear_ie", (RUN, "atomic_store_explicit((_Atomic uint8_t *)&kr->immediate_exit,"
                                " 0,"), clear_ie),
-        Step("fastpath", (IRQOFF, "switch (v->exit_reason) {"), fastpath, local=True),
+        Step("fastpath", (IRQOFF, "switch (exit->reason) {"), fastpath, local=True),
         Step("hlt_check", (IRQOFF, "if (lapic_halt_ends_at_once(v, v->run->if_flag))"),
              hlt_check),
         Step("poll_choice", (HALT, "if (poll_ns && kvm_vcpu_may_poll(v)) {"), poll_choice,

@@ -239,7 +239,7 @@ C_ORDER = [  # calls and stores the model's step order relies on, in source orde
     ("kvmpy/native/vcpu_loop.c:vcpu_enter_guest", [
         "&kr->immediate_exit, 0", "atomic_store_explicit(&v->request, 0",
         "inject_pending_irq(v)", "&v->mode, IN_GUEST", "&v->request, memory_order_seq_cst",
-        "send_posted_kicks(v);", "run(v)", "handle_exit_irqoff(v)",
+        "send_posted_kicks(v);", "run(v, exit)", "handle_exit_irqoff(v, exit)",
         "vcpu_halt_in_core(v, kr->if_flag)"]),
     ("kvmpy/native/vcpu_loop.c:inject_pending_irq", [
         "lapic_pending_vector(v)", "run->ready_for_interrupt_injection && run->if_flag",
