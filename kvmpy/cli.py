@@ -130,8 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     ipi.add_argument("--rounds", type=int, default=3,
                      help="alternate the configurations this many times")
     ipi.add_argument("--mode", choices=("x2apic", "xapic"), default="x2apic")
-    ipi.add_argument("--configs", nargs="+", choices=("kvmpy-fast", "kvmpy-slow", "kernel"),
-                     default=["kvmpy-fast", "kvmpy-slow", "kernel"])
+    ipi.add_argument("--configs", nargs="+",
+                     choices=("kvmpy-fast", "kvmpy-python", "kvmpy-slow", "kernel"),
+                     default=["kvmpy-fast", "kvmpy-python", "kvmpy-slow", "kernel"],
+                     help="kvmpy-fast: --fastpath native; kvmpy-python: --fastpath python; "
+                     "kvmpy-slow: --fastpath off; kernel: KVM's in-kernel APIC")
     ipi.add_argument("--scale", action="store_true",
                      help="broadcast and multicast cost per target for 2..32 vCPUs")
     ipi.add_argument("--cpus", type=int, nargs="+", default=[2, 4, 8, 16, 32],
