@@ -40,7 +40,11 @@ CATALOG: dict[str, GuestInfo] = {
     "hello": GuestInfo("prints a greeting and its command line"),
     "ioapic_irq": GuestInfo("the I/O APIC driven through pc-testdev's lines: edge, level, "
                             "masks, exact counts", 4),
-    "ipi_bench": GuestInfo("IPI latencies by the guest's TSC (kvmpy bench ipi)", 2, "n=100"),
+    "ipi_bench": GuestInfo("IPI latencies by the guest's TSC (kvmpy bench ipi); "
+                           "report=median prints each test's median", 2,
+                           "n=100 report=median"),
+    "ipi_coalesce": GuestInfo("a sender's cost of IPI bursts that merge at a target with "
+                              "interrupts off (docs/hacking.md)", 2, "n=50 burst=4"),
     "ipi_stress": GuestInfo("every CPU sends random IPIs; counts must be exact (no IPI "
                             "lost)", 4, "ipis=4000"),
     "mbinfo": GuestInfo("prints the multiboot information the loader passed"),
