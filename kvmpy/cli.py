@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: `ipi` (guest-measured IPI latency), "
                            "`floor` (ICR-write exits against a bare C KVM_RUN loop), "
-                           "`vmexit` (kvm-unit-tests' vmexit.flat, compared)",
+                           "`vmexit` (kvm-unit-tests' vmexit.flat, compared), `ab` (your "
+                           "working tree against a git ref)",
                            allow_abbrev=False)
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     ipi = bench_sub.add_parser("ipi", help="IPI round trip, one-way, halted receiver and "
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_options(ipi, flag=True)
     add_vmexit_parser(bench_sub)
+    from kvmpy.bench.ab import add_ab_parser
+
+    add_ab_parser(bench_sub)
     floor = bench_sub.add_parser("floor", help="ICR-write exit cost: kvmpy vs a C floor",
                                  allow_abbrev=False)
     floor.add_argument("--n", type=int, default=20_000, help="ICR writes per run")
@@ -297,6 +301,10 @@ def cmd_guests(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "ab":
+        from kvmpy.bench.ab import cli_main as ab_main
+
+        return ab_main(args)
     if args.bench == "vmexit" or getattr(args, "compare", False):
         from kvmpy.bench.compare import cli_main
 

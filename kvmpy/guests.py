@@ -56,12 +56,12 @@ CATALOG: dict[str, GuestInfo] = {
 }
 
 
-def bundled_guests() -> list[str]:
+def bundled_guests(source_dir: Path | None = None) -> list[str]:
     """The guests in guest/ (empty if kvmpy was installed without its sources)."""
     from kvmpy.guestbuild import guest_dir, guest_names
 
     try:
-        return guest_names(guest_dir())
+        return guest_names(source_dir or guest_dir())
     except OSError:
         return []
 
@@ -93,15 +93,16 @@ def guest_list_text(width: int = 14) -> str:
                                    subsequent_indent=indent) for n in names)
 
 
-def resolve_image(text: str) -> tuple[Path, bool]:
-    """(image path, is a bundled guest) for `kvmpy run TEXT`: a file, else a guest name."""
+def resolve_image(text: str, source_dir: Path | None = None) -> tuple[Path, bool]:
+    """(image path, is a bundled guest) for `kvmpy run TEXT`: a file, else a guest name
+    (from `source_dir`, default this kvmpy's guest/)."""
     path = Path(text)
     if path.exists():
         return path, False
-    if text in bundled_guests():
+    if text in bundled_guests(source_dir):
         from kvmpy.guestbuild import build_guest
 
-        return build_guest(text), True
+        return build_guest(text, source_dir=source_dir), True
     if "/" in text:  # a path: no guest is named like that
         raise KvmpyError(f"image {text}: no such file")
     raise KvmpyError(f"image {text}: no such file, nor a bundled guest (`kvmpy guests` "
