@@ -1,7 +1,7 @@
 """`kvmpy bench ab`: figures from consoles, one-line errors, and a small real A/B run.
 
-The runs happen in a throwaway `git clone --shared` of this repository, so the
-temporary worktrees bench ab adds and removes never touch this checkout's repository.
+The runs happen in a scratch repository holding this tree (conftest.snapshot_repo), so
+the temporary worktrees bench ab adds and removes never touch this checkout's repository.
 """
 
 from __future__ import annotations
@@ -30,14 +30,10 @@ def git(repo: Path, *args: str) -> str:
 
 
 def clone(tmp: Path) -> Path:
-    """A clone of this checkout's HEAD (sharing its objects), with this tree's guest/ so
-    the guests match the code under test."""
-    dst = tmp / "clone"
-    subprocess.run(["git", "clone", "-q", "--shared", str(ROOT), str(dst)], check=True,
-                   capture_output=True)
-    git(dst, "config", "user.email", "test@example.com")
-    git(dst, "config", "user.name", "test")
-    return dst
+    """This tree, committed as `main` of a scratch repository (conftest.snapshot_repo)."""
+    from conftest import snapshot_repo
+
+    return snapshot_repo(tmp / "repo")
 
 
 def bench_ab(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -326,6 +326,7 @@ def cli_main(args: argparse.Namespace) -> int:
     import json
     import signal
 
+    from rich.console import Console
     from rich.progress import Progress
 
     from kvmpy.kvm import detect_backend
@@ -362,7 +363,8 @@ def cli_main(args: argparse.Namespace) -> int:
                                         unit=bench.unit)
                 if bench.unit == "cycles":
                     comparison.tsc_hz = host_tsc_hz()
-                with Progress(transient=True, disable=args.json) as progress:
+                with Progress(console=Console(stderr=True), transient=True,
+                              disable=args.json) as progress:
                     task = progress.add_task(bench.label, total=args.runs * len(SIDES))
 
                     def step(what: str) -> None:
