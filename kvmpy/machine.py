@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
+from kvmpy.acpi import platform as acpi_platform
 from kvmpy.apic import ApicBus, LocalApic
 from kvmpy.apic.ioapic import IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, IoApic
 from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
@@ -180,6 +181,7 @@ class Machine:
                             stats=ExitStats(config.record_time))
                 self.vcpus.append(vcpu)
             self._setup_interrupts()
+            self.acpi = acpi_platform.install(self)  # RTC, PM registers, tables, S3/S5
         except BaseException:
             self.close()
             raise
@@ -337,8 +339,9 @@ class Machine:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.wait(0.1):
             if self._hung():
-                self.stop(STATUS_HUNG, "every vCPU is halted and nothing can wake one: "
-                          "the guest hung")
+                self.stop(STATUS_HUNG, "the guest entered ACPI S3 with no wake-up source "
+                          "(PM1_EN.RTC_EN and the RTC's AIE)" if self.acpi.sleep.asleep
+                          else "every vCPU is halted and nothing can wake one: the guest hung")
             if deadline is not None and time.monotonic() > deadline:
                 self.stop(STATUS_VMM_FAULT, f"timed out after {timeout} s")
         self._join()
@@ -434,6 +437,9 @@ class Machine:
         An INIT received meanwhile just resets the APIC and keeps waiting; a SIPI that
         came with it is checked in the same pass, so nothing pending is left behind
         when the vCPU goes back to sleep."""
+        if self.acpi.sleep.take_resume(vcpu):  # the boot vCPU waking from S3
+            vcpu.state = VcpuState.RUNNABLE
+            return
         apic = vcpu.apic
         apic.take_init()
         vector = apic.take_sipi()
@@ -460,6 +466,8 @@ class Machine:
             return False
         if self.ioapic is not None and self.ioapic.deferred:
             return False  # a storm-delayed level interrupt is on its way
+        if self.acpi.sleep.can_wake():
+            return False  # asleep in S3 with the RTC alarm armed to wake it
         for vcpu in self.vcpus:
             if vcpu.apic is None:
                 return False  # in-kernel irqchip: HLT never reaches kvmpy
