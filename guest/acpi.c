@@ -25,7 +25,11 @@
  * SLP_TYP=1 | SLP_EN to PM1a_CNT. The stub, entered in real mode after the wake-up,
  * exits with a bit mask: 1 the APs' counter did not move (they are stopped), 2 WAK_STS
  * and 4 RTC_STS set in PM1_STS, 8 the BSP did not run on after the sleep write (a word
- * it would have set is still 0), 16 CR0.PE is clear. All five: code 0x1f.
+ * it would have set is still 0), 16 CR0.PE is clear. All five: code 0x1f. With
+ * "nowake", RTC_EN stays clear: nothing may wake the machine.
+ *
+ * test=s5: writes SLP_TYP=0 | SLP_EN (the DSDT's \_S5_): the VMM should power off; a
+ * guest still running after it exits with code 2.
  */
 #include "apic.h"
 
@@ -337,7 +341,23 @@ void ap_main(u32 cpu)
         __sync_fetch_and_add((volatile u32 *)S3_COUNTER, 1);
 }
 
-static int test_s3(u32 cpus)
+/* SLP_TYP 0 (the DSDT's \_S5_) with SLP_EN: the VMM powers off; if it does not, the
+ * guest exits with code 2. */
+static int test_s5(void)
+{
+    const struct rsdp *rsdp = find_rsdp();
+    const struct fadt *fadt;
+
+    if (!rsdp || !(fadt = (const struct fadt *)find_table(rsdp, "FACP"))) {
+        fail("no FADT");
+        return 2;
+    }
+    outw(fadt->pm1a_cnt, SLP_EN);
+    fail("still running after S5");
+    return 2;
+}
+
+static int test_s3(u32 cpus, int wake)
 {
     const struct rsdp *rsdp = find_rsdp();
     const struct fadt *fadt;
@@ -366,7 +386,7 @@ static int test_s3(u32 cpus)
     memcpy((void *)S3_RESUME, s3_resume_start, s3_resume_end - s3_resume_start);
     facs->waking_vector = S3_RESUME;
     outw(fadt->pm1a_evt, PM1_WAK_STS | PM1_RTC_STS);        /* clear (write 1) */
-    outw(fadt->pm1a_evt + 2, PM1_RTC_EN);
+    outw(fadt->pm1a_evt + 2, wake ? PM1_RTC_EN : 0);
 
     /* The alarm for the next second, right after an update (x86/s3.c's sequence). */
     while (!(rtc_in(RTC_REG_A) & RTC_UIP))
@@ -392,6 +412,8 @@ int main(struct multiboot_info *mbi)
     const char *cpus = cmdline_value(cmdline, "cpus");
 
     if (test && !strncmp(test, "s3", 2))
-        return test_s3(cpus ? parse_u32(cpus) : 1);
+        return test_s3(cpus ? parse_u32(cpus) : 1, !cmdline_value(cmdline, "nowake"));
+    if (test && !strncmp(test, "s5", 2))
+        return test_s5();
     return test_tables();
 }
