@@ -181,7 +181,8 @@ class Machine:
                             stats=ExitStats(config.record_time))
                 self.vcpus.append(vcpu)
             self._setup_interrupts()
-            self.acpi = acpi_platform.install(self)  # RTC, PM registers, tables, S3/S5
+            # The RTC, the ACPI PM registers and tables, S3/S5 (None only in test doubles).
+            self.acpi: acpi_platform.Acpi | None = acpi_platform.install(self)
         except BaseException:
             self.close()
             raise
@@ -340,7 +341,8 @@ class Machine:
         while not self._done.wait(0.1):
             if self._hung():
                 self.stop(STATUS_HUNG, "the guest entered ACPI S3 with no wake-up source "
-                          "(PM1_EN.RTC_EN and the RTC's AIE)" if self.acpi.sleep.asleep
+                          "(PM1_EN.RTC_EN and the RTC's AIE)"
+                          if self.acpi is not None and self.acpi.sleep.asleep
                           else "every vCPU is halted and nothing can wake one: the guest hung")
             if deadline is not None and time.monotonic() > deadline:
                 self.stop(STATUS_VMM_FAULT, f"timed out after {timeout} s")
@@ -437,7 +439,7 @@ class Machine:
         An INIT received meanwhile just resets the APIC and keeps waiting; a SIPI that
         came with it is checked in the same pass, so nothing pending is left behind
         when the vCPU goes back to sleep."""
-        if self.acpi.sleep.take_resume(vcpu):  # the boot vCPU waking from S3
+        if self.acpi is not None and self.acpi.sleep.take_resume(vcpu):  # waking from S3
             vcpu.state = VcpuState.RUNNABLE
             return
         apic = vcpu.apic
@@ -466,7 +468,7 @@ class Machine:
             return False
         if self.ioapic is not None and self.ioapic.deferred:
             return False  # a storm-delayed level interrupt is on its way
-        if self.acpi.sleep.can_wake():
+        if self.acpi is not None and self.acpi.sleep.can_wake():
             return False  # asleep in S3 with the RTC alarm armed to wake it
         for vcpu in self.vcpus:
             if vcpu.apic is None:

@@ -196,6 +196,7 @@ class LoopMachine:
         self.timers = _Timers()
         self.vcpus: list[Vcpu] = []
         self.halt_poll_max_ns = 0  # the replays below sleep; tests/test_vcpu_halt.py polls
+        self.acpi = None  # no ACPI: poll_sipi has no S3 resume to look for
 
     def may_poll(self) -> bool:
         return False
