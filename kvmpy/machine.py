@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from kvmpy import _core
+from kvmpy.acpi import platform as acpi_platform
 from kvmpy.apic import ApicBus, LocalApic
 from kvmpy.apic.ioapic import IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, IoApic
 from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
@@ -196,6 +197,8 @@ class Machine:
                 vcpu.attach_core(self.core)
             self.apic_bus.core = self.core
             self._setup_interrupts()
+            # The RTC, the ACPI PM registers and tables, S3/S5 (None only in test doubles).
+            self.acpi: acpi_platform.Acpi | None = acpi_platform.install(self)
         except BaseException:
             self.close()
             raise
@@ -372,8 +375,10 @@ class Machine:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.wait(0.1):
             if self._hung():
-                self.stop(STATUS_HUNG, "every vCPU is halted and nothing can wake one: "
-                          "the guest hung")
+                self.stop(STATUS_HUNG, "the guest entered ACPI S3 with no wake-up source "
+                          "(PM1_EN.RTC_EN and the RTC's AIE)"
+                          if self.acpi is not None and self.acpi.sleep.asleep
+                          else "every vCPU is halted and nothing can wake one: the guest hung")
             if deadline is not None and time.monotonic() > deadline:
                 self.stop(STATUS_VMM_FAULT, f"timed out after {timeout} s")
         self._join()
@@ -477,6 +482,9 @@ class Machine:
         An INIT received meanwhile just resets the APIC and keeps waiting; a SIPI that
         came with it is checked in the same pass, so nothing pending is left behind
         when the vCPU goes back to sleep."""
+        if self.acpi is not None and self.acpi.sleep.take_resume(vcpu):  # waking from S3
+            vcpu.state = VcpuState.RUNNABLE
+            return
         apic = vcpu.apic
         apic.take_init()
         vector = apic.take_sipi()
@@ -508,6 +516,8 @@ class Machine:
             return False
         if self.ioapic is not None and self.ioapic.deferred:
             return False  # a storm-delayed level interrupt is on its way
+        if self.acpi is not None and self.acpi.sleep.can_wake():
+            return False  # asleep in S3 with the RTC alarm armed to wake it
         for vcpu in self.vcpus:
             if vcpu.apic is None:
                 return False  # in-kernel irqchip: HLT never reaches kvmpy

@@ -533,6 +533,7 @@ class _Machine:
         self.timers = _Timers()
         self.vcpus: list[Vcpu] = []
         self.halt_poll_max_ns = 0
+        self.acpi = None  # no ACPI: poll_sipi has no S3 resume to look for
 
     on_init = machine_module.Machine.on_init
     poll_sipi = machine_module.Machine.poll_sipi
