@@ -253,6 +253,8 @@ class Vcpu:
                     self._block_until_runnable()
                     continue
                 self._inject_pending_events()
+                if self.state is not VcpuState.RUNNABLE:
+                    continue  # an INIT was taken: wait for SIPI, not KVM_RUN
                 got = self.run()  # the core records each KVM_RUN in this vCPU's native ring
                 if got is None:
                     continue

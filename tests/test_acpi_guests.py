@@ -59,9 +59,10 @@ def test_guest_reads_the_tables_and_starts_the_cpus_the_madt_lists(cpus: int) ->
     online = re.findall(r"^cpu (\d+) apic id (\d+)$", out, re.M)
     assert sorted(int(apic_id) for _, apic_id in online) == list(range(cpus))
     ticks = int(re.search(r"pmtimer ticks_in_10ms=(\d+)", out).group(1))
-    # At least 10 ms of 3.579545 MHz; at most a few times that (the vCPU polls the PIT
-    # through exits on 2 shared host cores).
-    assert 0.99 * PM_TICKS_10MS <= ticks < 5 * PM_TICKS_10MS, ticks
+    # At least 10 ms of 3.579545 MHz; the upper bound is loose (the vCPU polls the PIT
+    # through exits on 2 shared host cores, and a loaded host preempts it for tens of ms:
+    # 6x was seen at load 19). The exact rate is tests/test_acpi_pm.py's, on a fake clock.
+    assert 0.99 * PM_TICKS_10MS <= ticks < 20 * PM_TICKS_10MS, ticks
 
 
 def test_guest_sees_pcat_compat_and_no_s3_with_the_in_kernel_irqchip() -> None:
