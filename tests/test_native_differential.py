@@ -258,13 +258,20 @@ def weighted(*choices: tuple[int, object]) -> st.SearchStrategy:
 FIXED, LOWEST, SMI, NMI, INIT, SIPI = 0, 1, 2, 4, 5, 6
 delivery_modes = weighted((8, FIXED), (5, LOWEST), (1, SMI), (1, 3), (1, NMI), (1, INIT),
                           (1, SIPI), (1, 7))
-vectors = st.sampled_from(list(range(16, 256)) + list(range(16)) * 2)
+# A few hot vectors make the same vector meet itself: an edge IPI onto a level TMR bit,
+# a lowest-priority focus processor, an IRR bit set twice.
+HOT_VECTORS = [0x20, 0x21, 0x30, 0x40, 0x41, 0x80, 0xEF, 0xFF]
+vectors = weighted((4, st.sampled_from(HOT_VECTORS)), (4, st.integers(16, 255)),
+                   (1, st.integers(0, 15)))
 shorthands = weighted((6, 0), (1, 1), (2, 2), (2, 3))
 # Destination: ("id", k) is the k-th APIC's ID, ("bcast",) the sender mode's broadcast,
 # ("raw", value) anything (logical masks, cluster IDs, absent IDs, huge values).
 dests = weighted(
     (6, st.tuples(st.just("id"), st.integers(0, 3))),
     (2, st.tuples(st.just("bcast"))),
+    # A logical destination: cluster (x2APIC ID[19:4], or the xAPIC cluster nibble) and
+    # the member bits.
+    (3, st.tuples(st.just("logical"), weighted((3, 0), (1, 1), (1, 2)), st.integers(1, 15))),
     (3, st.tuples(st.just("raw"), st.sampled_from(
         [0, 1, 2, 3, 4, 5, 0xF, 0x10, 0x11, 0x12, 0xF0, 0xFE, 0xFF, 0x100, 0x10001, 0x10002,
          0x20001, 0xFFFF, 0xFFFFFFFE]))),
@@ -280,7 +287,7 @@ def icr_lows(draw: st.DrawFn) -> int:
     low |= draw(weighted((4, 0), (1, c.ICR_LEVEL_ASSERT), (1, c.ICR_TRIGGER_LEVEL),
                          (1, c.ICR_LEVEL_ASSERT | c.ICR_TRIGGER_LEVEL)))
     low |= draw(weighted((3, 0), (1, c.ICR_BUSY)))
-    noise = draw(weighted((24, 0), (1, 1 << 13), (1, 1 << 16), (1, 1 << 17), (1, 1 << 20),
+    noise = draw(weighted((18, 0), (2, 1 << 13), (1, 1 << 16), (1, 1 << 17), (1, 1 << 20),
                           (1, 1 << 31), (1, 0xFFF00000)))
     return low | noise
 
@@ -297,7 +304,7 @@ ids_layouts = weighted(
 # Per APIC: "x" (xAPIC), "x2", "off" (globally disabled). Mostly one mode for all.
 mode_layouts = weighted(
     (2, st.just(["x2"] * 4)), (2, st.just(["x"] * 4)),
-    (1, st.lists(weighted((2, "x"), (2, "x2"), (1, "off")), min_size=4, max_size=4)),
+    (2, st.lists(weighted((2, "x"), (2, "x2"), (1, "off")), min_size=4, max_size=4)),
 )
 likely = weighted((4, True), (1, False))
 unlikely = likely.map(lambda b: not b)
@@ -318,7 +325,8 @@ class NativeVsPython(RuleBasedStateMachine):
                 modes=mode_layouts,
                 enable=st.lists(weighted((6, True), (1, False)), min_size=4, max_size=4),
                 logical=st.sampled_from(["flat", "cluster", "none"]),
-                cr8=st.lists(st.integers(0, 3), min_size=4, max_size=4))
+                cr8=st.lists(weighted((4, 0), (1, st.integers(1, 3))), min_size=4,
+                             max_size=4))
     def setup(self, ids: list[int], modes: list[str], enable: list[bool],
               logical: str, cr8: list[int]) -> None:
         self.n = len(ids)
@@ -373,6 +381,9 @@ class NativeVsPython(RuleBasedStateMachine):
             return apic_id if x2 else apic_id & 0xFF
         if dest[0] == "bcast":
             return 0xFFFFFFFF if x2 else 0xFF
+        if dest[0] == "logical":
+            cluster, bits = dest[1], dest[2]
+            return cluster << 16 | bits if x2 else cluster << 4 | bits
         return dest[1] if x2 else dest[1] & 0xFF
 
     def _renumbered(self) -> bool:
@@ -428,6 +439,46 @@ class NativeVsPython(RuleBasedStateMachine):
             self.x2apic_icr(i, low, dest, bit12_high)
         else:
             self.xapic_icr(i, low, dest, write_high, high_noise, stray)
+
+    # Scenarios: the same exits, in the orders that reach the rarer routing rules.
+    @rule(src=st.integers(0, 3), dst=st.integers(0, 3), vector=st.sampled_from(HOT_VECTORS))
+    def edge_ipi_onto_level(self, src: int, dst: int, vector: int) -> None:
+        """A level-triggered vector pending (TMR set), then an edge IPI of the same vector:
+        TMR is cleared (ApicBus: IPIs are edge)."""
+        self.accept_fixed(dst, vector, True)
+        self.icr(src, vector, ("id", dst % self.n), False, 0, True, 0, 0)
+
+    @rule(src=st.integers(0, 3), holder=st.integers(0, 3),
+          vector=st.sampled_from(HOT_VECTORS), focus_off=st.booleans(),
+          how=st.sampled_from(["all", "allbut", "bcast", "logical"]))
+    def lowest_priority_with_a_focus(self, src: int, holder: int, vector: int,
+                                     focus_off: bool, how: str) -> None:
+        """One APIC holds the vector (the focus processor, unless its SVR turns focus
+        checking off), then a lowest-priority IPI that may reach several APICs."""
+        h = holder % self.n
+        if not self.py.waiting[h]:
+            self._exit_write(h, c.REG_SVR, 0x3FF if focus_off else 0x1FF)
+        self.accept_fixed(h, vector, False)
+        low = vector | LOWEST << 8
+        dest: tuple = ("id", h)
+        if how in ("all", "allbut"):
+            low |= (2 if how == "all" else 3) << 18
+        elif how == "bcast":
+            dest = ("bcast",)
+        else:
+            low |= c.ICR_DEST_LOGICAL
+            dest = ("logical", 0, 0xF)
+        self.icr(src, low, dest, False, 0, True, 0, 0)
+
+    @rule(src=st.integers(0, 3), cluster=weighted((2, 0), (1, 1), (1, 0xFFFF)),
+          bits=st.integers(1, 0xF), dm=st.sampled_from([FIXED, LOWEST]),
+          vector=st.sampled_from(HOT_VECTORS))
+    def logical_ipi(self, src: int, cluster: int, bits: int, dm: int, vector: int) -> None:
+        """A logical IPI: x2APIC cluster (dest[31:16]) and members, or the xAPIC MDA
+        (flat: a bit mask; cluster model: cluster nibble and members)."""
+        self.icr(src, vector | dm << 8 | c.ICR_DEST_LOGICAL, ("logical", cluster & 0xF
+                 if self.nat.apics[src % self.n].mode is not ApicMode.X2APIC else cluster,
+                 bits), False, 0, True, 0, 0)
 
     def x2apic_icr(self, src: int, low: int, dest: tuple, bit12_high: int) -> None:
         i = src % self.n
@@ -587,6 +638,33 @@ class NativeVsPython(RuleBasedStateMachine):
         else:
             self.mmio_write(i, reg, length, value, at_default_base)
 
+    @rule(src=st.integers(0, 3),
+          tpr=weighted((2, 0), (1, 0x10), (1, 0x20), (1, 0x2F), (1, 0x38), (1, 0x40),
+                       (1, 0x4A), (1, 0x80), (1, 0x8F), (1, 0xEF), (1, st.integers(0, 0xFF))))
+    def tpr_write(self, src: int, tpr: int) -> None:
+        """TPR through the mode's interface; the values meet the hot vectors' classes,
+        low nibble included (PPR = TPR when TPR[7:4] >= ISRV[7:4], SDM 10.8.3.1)."""
+        i = src % self.n
+        if self.py.waiting[i]:
+            return
+        self._exit_write(i, c.REG_TPR, tpr)
+
+    @rule(src=st.integers(0, 3),
+          svr=weighted((3, 0x1FF), (2, 0x3FF), (1, 0xFF), (1, 0x2FF), (1, 0x13F)))
+    def svr_write(self, src: int, svr: int) -> None:
+        """SVR: software enable/disable, focus checking on/off (bit 9)."""
+        i = src % self.n
+        if self.py.waiting[i]:
+            return
+        self._exit_write(i, c.REG_SVR, svr)
+
+    def _exit_write(self, i: int, offset: int, value: int) -> None:
+        """A register write exit through the interface of the APIC's mode."""
+        if self.nat.apics[i].mode is ApicMode.X2APIC:
+            self.msr_write(i, c.X2APIC_MSR_FIRST + (offset >> 4), value)
+        else:
+            self.mmio_write(i, offset, 4, value)
+
     @rule(src=st.integers(0, 3), value=apic_base_values,
           moved=weighted((4, False), (1, True)))
     def apic_base(self, src: int, value: int | None, moved: bool) -> None:
@@ -644,15 +722,17 @@ class NativeVsPython(RuleBasedStateMachine):
         assert py == nat, f"{what}: (events, injected, window) python {py} native {nat}"
         self.compare(f"{what} -> {py}")
 
-    @rule(src=st.integers(0, 3))
-    def take_and_eoi(self, src: int) -> None:
+    @rule(src=st.integers(0, 3), value=weighted((6, 0), (1, 1), (1, 0xFFFFFFFF)),
+          length=weighted((6, 4), (1, 1), (1, 2), (1, 8)))
+    def take_and_eoi(self, src: int, value: int, length: int) -> None:
         """The guest takes an interrupt and EOIs it: a loop top ready with IF=1, then
-        (if a vector was injected) a zero EOI write through the mode's interface."""
+        (if a vector was injected) an EOI through the mode's interface, mostly a proper
+        one (zero, 4 bytes), else one the core must hand over."""
         i = src % self.n
         self.loop_top(i, True, True, None)
         if self.py.waiting[i] or "], -1," in self.steps[-1]:
             return
-        self.eoi(i, self.nat.apics[i].mode is ApicMode.X2APIC, 0, 4)
+        self.eoi(i, self.nat.apics[i].mode is ApicMode.X2APIC, value, length)
 
     @rule(src=st.integers(0, 3), if_flag=st.booleans())
     def hlt(self, src: int, if_flag: bool) -> None:
@@ -788,3 +868,19 @@ def test_hlt_with_smi_pending(if_flag: bool) -> None:
         side.apics[0].accept_fixed(0x60, False)
     assert m.nat.core.fast_hlt(0, if_flag) == REENTER
     assert m.py.apics[0].halt_ends_at_once(if_flag) is if_flag
+
+
+def test_fast_eoi_recomputes_ppr_with_the_tpr_low_nibble() -> None:
+    """PPR = TPR (all 8 bits) when TPR[7:4] >= ISRV[7:4] (SDM 10.8.3.1): 0x38 in service,
+    TPR raised to 0x3A, 0x45 taken and EOI'd by the core leaves PPR 0x3A, not 0x30."""
+    for x2 in (True, False):
+        m = _pair([0, 1], x2=x2)
+        m.accept_fixed(0, 0x38, False)
+        m.loop_top(0, True, True, None)
+        assert m.nat.apics[0].isr[0x38]
+        m.tpr_write(0, 0x3A)
+        m.accept_fixed(0, 0x45, False)
+        m.loop_top(0, True, True, None)
+        assert m.nat.apics[0].isr[0x45]
+        m.eoi(0, x2, 0, 4)
+        assert m.nat.apics[0].ppr == m.py.apics[0].ppr == 0x3A
