@@ -30,8 +30,10 @@ def test_random_ipis_are_counted_exactly(mode: str, fastpath: bool) -> None:
     assert r.icr_writes == 1200
     assert len(r.per_cpu) == 4 and sum(r.per_cpu) == r.deliveries
     assert r.deliveries >= r.icr_writes  # broadcasts and multicasts reach several vCPUs
-    if fastpath:  # every valid ICR write completed on the fastpath
-        assert r.icr_slow == 0 and r.icr_fast >= r.icr_writes
+    if fastpath:  # every valid ICR write of the stress completed on the fastpath; the
+        # guest's AP start-up (INIT, SIPI, SIPI: guest/lib/smp.c start_aps) may go to
+        # Python (the native core hands INIT/SIPI over)
+        assert r.icr_slow <= 3 and r.icr_fast >= r.icr_writes
     else:  # --no-fastpath: every ICR write went through the ordinary dispatch
         assert r.icr_fast == 0 and r.icr_slow >= r.icr_writes
     assert threading.active_count() == threads

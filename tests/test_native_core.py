@@ -404,17 +404,25 @@ def test_stop_wakes_sleepers_and_pollers() -> None:
 
 
 def test_poll_and_wait_time_out() -> None:
+    """On threads, so that a timeout that does not work fails instead of hanging."""
     core, _ = model_core(1)
-    t0 = time.monotonic_ns()
-    assert core.poll(0, t0 + 20_000_000) is False
-    assert time.monotonic_ns() - t0 >= 20_000_000
-    t0 = time.monotonic_ns()
-    assert core.poll(0, t0 - 1) is False  # already past: at most one batch of spins
-    t0 = time.monotonic_ns()
-    assert core.wait(0, 20_000_000) is False
-    assert time.monotonic_ns() - t0 >= 19_000_000
+
+    def timed(call: Callable[[], bool]) -> tuple[bool, int]:
+        t = Worker(lambda: (call(), time.monotonic_ns()))
+        t0 = time.monotonic_ns()
+        t.start()
+        got, t1 = t.finish()  # type: ignore[misc]
+        return got, t1 - t0
+
+    got, ns = timed(lambda: core.poll(0, time.monotonic_ns() + 20_000_000))
+    assert got is False and ns >= 19_000_000
+    got, _ = timed(lambda: core.poll(0, time.monotonic_ns() - 1))  # already past
+    assert got is False
+    got, ns = timed(lambda: core.wait(0, 20_000_000))
+    assert got is False and ns >= 19_000_000
     core.wake(0)  # a token left before the wait: returns at once
-    assert core.wait(0, -1) is True
+    got, _ = timed(lambda: core.wait(0, -1))
+    assert got is True
 
 
 def test_busy_counts_the_threads_not_asleep_and_gates_polling() -> None:
