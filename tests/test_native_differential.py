@@ -884,3 +884,14 @@ def test_fast_eoi_recomputes_ppr_with_the_tpr_low_nibble() -> None:
         assert m.nat.apics[0].isr[0x45]
         m.eoi(0, x2, 0, 4)
         assert m.nat.apics[0].ppr == m.py.apics[0].ppr == 0x3A
+
+
+@pytest.mark.parametrize("x2", [True, False])
+def test_physical_ipi_to_a_globally_disabled_apic_finds_no_target(x2: bool) -> None:
+    """A globally disabled APIC is not on the bus (bus.py): no target, nothing rejected."""
+    m = _pair([0, 1, 2], x2=x2)
+    m.apic_base(1, 0, False)
+    assert m.nat.apics[1].mode is ApicMode.DISABLED
+    m.icr(0, 0x40, ("id", 1), False, 0, True, 0, 0)
+    assert m.nat.apics[0].stats["ipi_no_target"] == 1
+    assert "fixed_rejected_disabled" not in m.nat.apics[1].stats
