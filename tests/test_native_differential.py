@@ -797,7 +797,7 @@ class NativeVsPython(RuleBasedStateMachine):
 
 
 DEFAULT = settings(
-    max_examples=150,
+    max_examples=100,
     stateful_step_count=40,
     derandomize=True,
     database=None,
