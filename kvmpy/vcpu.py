@@ -259,6 +259,10 @@ class Vcpu:
                 if got is None:
                     continue
                 exit, fp, t0 = got
+                # The guest may have moved CR8 (no exit) before this exit: TPR takes it
+                # now, before a handler writes TPR back into kvm_run.cr8
+                # (QEMU's kvm_arch_post_run).
+                self._take_guest_cr8()
                 reason = exit[0]
                 if python_fastpath:
                     fp = handle_exit_irqoff(self, exit)
@@ -307,10 +311,7 @@ class Vcpu:
             return
         apic.clear_slow_events()
         u8 = self.view.u8
-        cr8 = self.view.u64[kr.CR8]
-        if cr8 != self._cr8:  # the guest wrote CR8 (64-bit mode): TPR follows
-            apic.set_cr8(cr8)
-            self._cr8 = cr8
+        self._take_guest_cr8()
         deadline = self._timer_deadline
         if deadline is not None and time.monotonic_ns() >= deadline:
             apic.timer_expired(time.monotonic_ns())
@@ -344,6 +345,16 @@ class Vcpu:
             u8[kr.REQUEST_INTERRUPT_WINDOW] = 0
         else:
             u8[kr.REQUEST_INTERRUPT_WINDOW] = 1
+
+    def _take_guest_cr8(self) -> None:
+        """The guest wrote CR8 (64-bit mode, no exit): TPR follows (SDM 10.8.6.1)."""
+        apic = self.apic
+        if apic is None:
+            return
+        cr8 = self.view.u64[kr.CR8]
+        if cr8 != self._cr8:
+            apic.set_cr8(cr8)
+            self._cr8 = cr8
 
     def after_apic_write(self) -> None:
         """After a guest write to an APIC register (slow path): re-arm the host timer
