@@ -35,8 +35,8 @@
  * the token just before EOI, so sent == received exactly and a token that never comes
  * back is a lost interrupt. Before a chaos phase a CPU closes (receptive = 0) and waits
  * until every token aimed at it came back; in chaos it may disable its APIC, change its
- * ID, software-disable it, and switch modes; a calm phase starts with a reset to a known
- * state. Random IPIs never use the counted vectors (0x40-0x4f), and never INIT (turned
+ * ID (never to another CPU's: a counted IPI to that CPU would reach both), software-
+ * disable it, and switch modes; a calm phase starts with a reset to a known state. Random IPIs never use the counted vectors (0x40-0x4f), and never INIT (turned
  * into INIT level de-assert: an INIT would reset a CPU into wait-for-SIPI, and the BSP
  * has no firmware to restart in), so they cannot invent or destroy counted interrupts.
  *
@@ -417,8 +417,25 @@ static u32 filter_icr(u32 low)
 
 static u32 filter_lvt(u32 val) { return (val & ~0xffu) | fv(val); }
 
+/* An xAPIC ID register value (ID in bits 31:24) that no other CPU has. A physical IPI
+ * to an ID two APICs share reaches both (SDM 10.6.2.1; kvmpy and KVM deliver to every
+ * match), so a counted IPI to the other CPU would also reach this one, uncounted: an
+ * invented IPI by the guest's own doing. */
+static u32 unaliased_id(u32 v)
+{
+    u32 cpu = cpu_index();
+
+    for (u32 c = 0; c < ncpus; c++)
+        if (c != cpu && (v >> 24) == ids[c]) {
+            v += 1u << 24;
+            c = -1u;                        /* again from the first CPU */
+        }
+    return v;
+}
+
 /* A write of `val` to APIC register `reg` made safe for this phase: calm phases keep
- * the APIC software-enabled and the xAPIC ID unchanged. Returns 0 to skip it. */
+ * the APIC software-enabled and the xAPIC ID unchanged; in chaos the ID may change,
+ * but never to another CPU's. Returns 0 to skip it. */
 static int filter_reg_write(u32 reg, u32 *val, int calm)
 {
     if (reg == APIC_ICR)
@@ -431,6 +448,8 @@ static int filter_reg_write(u32 reg, u32 *val, int calm)
         *val |= APIC_SVR_ENABLE;
     else if (reg == APIC_ID && calm)
         return 0;
+    else if (reg == APIC_ID)
+        *val = unaliased_id(*val);
     return 1;
 }
 
@@ -830,6 +849,8 @@ static void op_identity(struct cpu_state *st, u32 r)
 
     if (reg == APIC_SVR)
         v &= 0x3ff;
+    else if (reg == APIC_ID)
+        v = unaliased_id(v);
     reg_write(st, reg, v);
     st->msr_wr++;
     count_fault(st);
@@ -1435,6 +1456,9 @@ int main(struct multiboot_info *mbi)
                 lost += s - received[t][v];
             if (received[t][v] > s)
                 invented += received[t][v] - s;
+            if (received[t][v] != s)
+                printf("fuzz: cpu %u (apic %u) vector %x received %u sent %u\n", t, ids[t],
+                       TOK_BASE + v, received[t][v], s);
             if (token[t][v])
                 printf("fuzz: token cpu %u vector %x never came back\n", t, TOK_BASE + v);
         }
