@@ -115,9 +115,8 @@ class FuzzResult:
     def injection_mismatch(self) -> int:
         """Interrupts kvmpy injected that no guest handler counted and KVM did not hold at
         the stop, or handled ones kvmpy never injected: sum over vCPUs of
-        |injected - handled - in flight|. 0 unless the guest reached its end (only then
-        are its counts final)."""
-        if not self.finished:
+        |injected - handled - in flight|. 0 unless the guest printed its final counts."""
+        if not self.counts_final:
             return 0
         return sum(abs(i - h - f) for i, h, f in zip(self.injected, self.handled,
                                                      self.in_flight, strict=True))
@@ -126,6 +125,12 @@ class FuzzResult:
     def finished(self) -> bool:
         """The guest ran to its end and printed its final counts."""
         return self.status == GUEST_OK and "fuzz: done" in self.output
+
+    @property
+    def counts_final(self) -> bool:
+        """The guest printed the counts it took after every CPU turned interrupts off
+        for good, and then wrote its exit code (0 or a guest-detected failure)."""
+        return self.status & 1 == 1 and "fuzz: handled" in self.output
 
     @property
     def guest_failure(self) -> bool:
@@ -350,7 +355,7 @@ class Summary:
     operations: int = 0
     gp: int = 0
     interrupts: int = 0
-    injected: int = 0  # kvmpy's count, runs whose guest reached its end
+    injected: int = 0  # kvmpy's count, runs whose guest printed its final counts
     in_flight: int = 0
     injection_mismatch: int = 0
     nmi: int = 0
@@ -381,8 +386,8 @@ class Summary:
             s.runs += 1
             s.operations += r.counters.get("ops", 0)
             s.gp += r.counters.get("gp", 0)
-            s.interrupts += r.counters.get("interrupts", 0)
-            if r.finished:
+            if r.counts_final:
+                s.interrupts += r.counters.get("interrupts", 0)
                 s.injected += sum(r.injected)
                 s.in_flight += sum(r.in_flight)
             s.injection_mismatch += r.injection_mismatch
@@ -433,7 +438,7 @@ def print_report(s: Summary, *, seeds: str, ops: int, cpus: list[int], mode: str
         ("operations fuzzed (total)", s.operations),
         ("#GPs taken by the guests", s.gp),
         ("interrupts handled by the guests", s.interrupts),
-        ("interrupts injected by kvmpy / in flight at the stop (finished runs)",
+        ("interrupts injected by kvmpy / in flight at the stop",
          f"{s.injected} / {s.in_flight}"),
         ("injected - handled - in flight, per vCPU (must be 0)", s.injection_mismatch),
         ("NMIs handled", s.nmi),

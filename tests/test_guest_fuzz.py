@@ -94,7 +94,7 @@ def test_injected_equals_handled_on_four_vcpus_under_each_setting(fastpath: str)
 
 
 def _result(injected: tuple[int, ...], handled: dict[str, int], in_flight: tuple[int, ...],
-            status: int = 1, output: str = "fuzz: done\n") -> FuzzResult:
+            status: int = 1, output: str = "fuzz: handled\nfuzz: done\n") -> FuzzResult:
     return FuzzResult(seed=1, ops=10, cpus=len(injected), mode="mixed", status=status,
                       message="", counters=dict(handled), injected=injected,
                       in_flight=in_flight, output=output)
@@ -114,7 +114,11 @@ def test_injection_accounting_counts_what_kvm_held_at_the_stop() -> None:
     s = Summary.of([r, lost])
     assert s.injected == 16 and s.in_flight == 1 and s.injection_mismatch == 1
     assert s.must_fail and s.failed == [lost]
-    # A guest that did not reach its end has no final counts: not compared.
+    # A guest that reported a failure still printed final counts: compared.
+    failed = _result((5, 3), {"apic0": 5, "apic1": 2}, (0, 0), status=3,
+                     output="fuzz: handled\nfuzz: FAILED\n")
+    assert failed.guest_failure and failed.injection_mismatch == 1
+    # A guest that did not get that far has no final counts: not compared.
     hung = _result((5, 3), {}, (0, 1), status=8, output="")
     assert hung.injection_mismatch == 0
     assert Summary.of([hung]).injected == 0
