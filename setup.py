@@ -7,6 +7,20 @@ AddressSanitizer and UndefinedBehaviorSanitizer (scripts/sanitize.sh).
 import os
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildExt(build_ext):
+    """Unlinks an in-place core before writing the new one: a running kvmpy keeps the
+    old file mapped (overwriting it in place would crash that process)."""
+
+    def copy_extensions_to_source(self) -> None:
+        for ext in self.extensions:
+            target = os.path.join(os.path.dirname(__file__) or ".",
+                                  self.get_ext_filename(self.get_ext_fullname(ext.name)))
+            if os.path.exists(target):
+                os.unlink(target)
+        super().copy_extensions_to_source()
 
 SOURCES = ["module.c", "vcpu_loop.c", "lapic_fast.c", "kick.c"]
 cflags = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
@@ -17,6 +31,7 @@ if os.environ.get("KVMPY_SANITIZE"):
     ldflags += ["-fsanitize=address,undefined"]
 
 setup(
+    cmdclass={"build_ext": BuildExt},
     ext_modules=[
         Extension(
             "kvmpy._core",

@@ -10,6 +10,7 @@ message are the result, and every vCPU thread is kicked out and joined.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from kvmpy import _core
+from kvmpy.acpi import platform as acpi_platform
 from kvmpy.apic import ApicBus, LocalApic
 from kvmpy.apic.ioapic import IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, IoApic
 from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
@@ -195,6 +197,8 @@ class Machine:
                 vcpu.attach_core(self.core)
             self.apic_bus.core = self.core
             self._setup_interrupts()
+            # The RTC, the ACPI PM registers and tables, S3/S5 (None only in test doubles).
+            self.acpi: acpi_platform.Acpi | None = acpi_platform.install(self)
         except BaseException:
             self.close()
             raise
@@ -308,6 +312,7 @@ class Machine:
             if threading.current_thread() is threading.main_thread():
                 self.tracer.install_signal_probe(KICK_SIGNAL)
         self._started = True
+        _ = self.pinning  # decided before the vCPU threads add to the load
         self.timers.start()
         if self.pit_irq0 is not None:
             self.pit_irq0.reschedule()  # the PIT counts from reset (mode 3, 18.2 Hz)
@@ -318,16 +323,35 @@ class Machine:
             t.start()
 
     def host_cpu_for(self, vcpu: Vcpu) -> int | None:
-        """The host CPU vCPU thread `vcpu` is pinned to, or None (see pin_vcpus).
+        """The host CPU vCPU thread `vcpu` is pinned to, or None (see `pinning`)."""
+        return self.pinning[0][vcpu.index] if self.pinning[0] else None
+
+    @functools.cached_property
+    def pinning(self) -> tuple[list[int], str]:
+        """Where the vCPU threads go (`--pin-vcpus`), decided once at start, and why.
 
         Why pin: a vCPU that wakes another (an IPI to a halted target) would otherwise
         often have the target placed on its own core by the scheduler's wake-affine
-        logic, preempting the sender, which still holds the GIL: two context switches
-        per IPI. Measured here: vmexit_ipi 185 -> 100 us p50 with 2 vCPUs on 2 cores."""
-        pin = self.config.pin_vcpus
-        if pin == "off" or (pin == "auto" and len(self.vcpus) > self._host_cpus):
-            return None
-        return self._host_cpu_list[vcpu.index % self._host_cpus]
+        logic, preempting the sender: two context switches per IPI. Measured here:
+        vmexit_ipi 185 -> 100 us p50 with 2 vCPUs on 2 cores. But a pinned thread
+        cannot leave a core that other work keeps busy, so "auto" pins only when the
+        vCPUs fit on the host's CPUs beside the load already there (the 1-minute load
+        average, taken before the vCPUs run). Returns (host CPU per vCPU, or [] for
+        none; the reason, which `--stat` prints)."""
+        pin, n, cpus = self.config.pin_vcpus, len(self.vcpus), self._host_cpus
+        spread = [self._host_cpu_list[i % cpus] for i in range(n)]
+        if pin == "off":
+            return [], "not pinned (--pin-vcpus off)"
+        if pin == "on":
+            return spread, "pinned round-robin (--pin-vcpus on)"
+        if n > cpus:
+            return [], f"not pinned (auto: {n} vCPUs > {cpus} host CPUs)"
+        load = os.getloadavg()[0]
+        if n + load > cpus + 0.5:
+            return [], (f"not pinned (auto: {n} vCPUs + host load {load:.1f} do not fit "
+                        f"{cpus} host CPUs)")
+        return spread, (f"pinned to host CPUs {','.join(map(str, spread))} (auto: {n} vCPUs "
+                        f"+ host load {load:.1f} fit {cpus} host CPUs)")
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         try:
@@ -351,8 +375,10 @@ class Machine:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.wait(0.1):
             if self._hung():
-                self.stop(STATUS_HUNG, "every vCPU is halted and nothing can wake one: "
-                          "the guest hung")
+                self.stop(STATUS_HUNG, "the guest entered ACPI S3 with no wake-up source "
+                          "(PM1_EN.RTC_EN and the RTC's AIE)"
+                          if self.acpi is not None and self.acpi.sleep.asleep
+                          else "every vCPU is halted and nothing can wake one: the guest hung")
             if deadline is not None and time.monotonic() > deadline:
                 self.stop(STATUS_VMM_FAULT, f"timed out after {timeout} s")
         self._join()
@@ -456,6 +482,9 @@ class Machine:
         An INIT received meanwhile just resets the APIC and keeps waiting; a SIPI that
         came with it is checked in the same pass, so nothing pending is left behind
         when the vCPU goes back to sleep."""
+        if self.acpi is not None and self.acpi.sleep.take_resume(vcpu):  # waking from S3
+            vcpu.state = VcpuState.RUNNABLE
+            return
         apic = vcpu.apic
         apic.take_init()
         vector = apic.take_sipi()
@@ -487,6 +516,8 @@ class Machine:
             return False
         if self.ioapic is not None and self.ioapic.deferred:
             return False  # a storm-delayed level interrupt is on its way
+        if self.acpi is not None and self.acpi.sleep.can_wake():
+            return False  # asleep in S3 with the RTC alarm armed to wake it
         for vcpu in self.vcpus:
             if vcpu.apic is None:
                 return False  # in-kernel irqchip: HLT never reaches kvmpy

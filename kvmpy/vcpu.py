@@ -253,6 +253,8 @@ class Vcpu:
                     self._block_until_runnable()
                     continue
                 self._inject_pending_events()
+                if self.state is not VcpuState.RUNNABLE:
+                    continue  # an INIT was taken: wait for SIPI, not KVM_RUN
                 got = self.run()  # the core records each KVM_RUN in this vCPU's native ring
                 if got is None:
                     continue
@@ -462,8 +464,12 @@ class Vcpu:
         core.sleep_begin(i)  # sends this vCPU's posted kicks first
         machine.note_blocked(self, True)
         try:
-            while not machine.stopping:
+            while True:
+                # Drop a stale token, THEN look at the stop and the events: a stop (or
+                # kick) whose token this clear dropped has already published its cause.
                 core.wake_clear(i)
+                if machine.stopping:
+                    return
                 if self.state is VcpuState.WAIT_FOR_SIPI:
                     machine.poll_sipi(self)
                     if self.state is VcpuState.RUNNABLE:

@@ -134,3 +134,17 @@ def test_ioapic_fails_only_what_the_host_fails(kvmpy_qemu: Path, tmp_path: Path)
     assert results["ioapic"][0] == ("PASS" if not failed else "FAIL"), results
     assert "timeout" not in results["ioapic"][1]
     assert len(subtests(logs, "ioapic", "PASS")) >= 20
+
+
+def test_s3_and_the_pm_timer_through_the_runner(kvmpy_qemu: Path, tmp_path: Path) -> None:
+    """s3.flat finds the FACS and FADT, sleeps through PM1a_CNT and is woken by the RTC
+    alarm into its real-mode waking vector (which exits 0: PASS); vmexit's
+    inl_from_pmtimer reads the PM timer port the FADT gives (QEMU's 0x608), not the
+    0xcccccccc a missing FADT left it."""
+    results, logs = run_tests(kvmpy_qemu, tmp_path, "s3", "vmexit_inl_pmtimer")
+    assert {t: v for t, (v, _) in results.items()} == {"s3": "PASS",
+                                                        "vmexit_inl_pmtimer": "PASS"}
+    s3 = (logs / "s3.log").read_text(errors="replace")
+    assert "FACS is at 0xf0040" in s3 and "PM1a event registers at 600" in s3
+    pmtimer = (logs / "vmexit_inl_pmtimer.log").read_text(errors="replace")
+    assert "PM timer port is 608" in pmtimer

@@ -374,10 +374,9 @@ def _rank(ordered: list[int], p: float) -> int:
 
 SIDES = ("c", "python", "fastpath", "fastpath-untimed", "fastpath-python", "fastpath-traced",
          "slowpath")
-TITLES = {"c": "C floor", "python": "bare Python", "fastpath": "kvmpy native fastpath",
-          "fastpath-untimed": "native, no timing",
-          "fastpath-python": "kvmpy --fastpath python",
-          "fastpath-traced": "native fastpath, traced", "slowpath": "kvmpy --fastpath off"}
+TITLES = {"c": "C floor", "python": "bare Python", "fastpath": "kvmpy native",
+          "fastpath-untimed": "native, no timing", "fastpath-python": "kvmpy python",
+          "fastpath-traced": "native, traced", "slowpath": "kvmpy off"}
 
 
 @dataclass(frozen=True)

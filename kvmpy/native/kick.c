@@ -13,6 +13,8 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <linux/futex.h>
 #include <signal.h>
 #include <string.h>
@@ -156,13 +158,46 @@ void send_posted_kicks(struct vcpu *v)
 	}
 }
 
+/* The host's runnable tasks (/proc/loadavg's "R/T" field), read at most every 10 ms:
+ * other processes' threads compete for the CPUs a poller would spin on. -1 if unknown. */
+static int host_runnable(void)
+{
+	static _Atomic uint64_t read_at;
+	static _Atomic int value = -1;
+	uint64_t now = now_ns();
+	/* relaxed: a cached heuristic; two threads refreshing it at once is harmless. */
+	if (now - atomic_load_explicit(&read_at, memory_order_relaxed) < 10000000ull)
+		return atomic_load_explicit(&value, memory_order_relaxed);
+	atomic_store_explicit(&read_at, now, memory_order_relaxed);
+	char buf[128];
+	int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	int running = -1;
+	if (n > 0) {
+		buf[n] = 0;
+		float l1, l5, l15;
+		if (sscanf(buf, "%f %f %f %d/", &l1, &l5, &l15, &running) != 4)
+			running = -1;
+	}
+	atomic_store_explicit(&value, running, memory_order_relaxed);
+	return running;
+}
+
 /* KVM polls only while nothing else wants the CPU (single_task_running): here, while
- * the vCPU threads that are not asleep fit on the host's CPUs. */
+ * the vCPU threads that are not asleep fit on the host's CPUs, and so do all the host's
+ * runnable tasks (this poller among them). */
 bool kvm_vcpu_may_poll(struct vcpu *v)
 {
 	struct vm *vm = v->vm;
 	/* relaxed: a heuristic, as single_task_running() is. */
-	return atomic_load_explicit(&vm->busy, memory_order_relaxed) <= vm->host_cpus;
+	if (atomic_load_explicit(&vm->busy, memory_order_relaxed) > vm->host_cpus)
+		return false;
+	if (v->fd < 0)
+		return true; /* a model-only vCPU (tests): the vCPU count alone */
+	return host_runnable() <= vm->host_cpus;
 }
 
 /*

@@ -177,16 +177,27 @@ static PyObject *Core_run(CoreObject *self, PyObject *arg)
 			     ret == RET_EXIT ? (int)exit.fp : 0, (unsigned long long)exit.t_exit_ns);
 }
 
-static int parse_index(CoreObject *self, PyObject *args, struct vcpu **v)
+static int parse_slot(CoreObject *self, PyObject *args, struct vcpu **v, bool attached)
 {
 	int i;
 	if (!PyArg_ParseTuple(args, "i", &i))
 		return -1;
-	struct slot *s = get_slot(self, i, false);
+	struct slot *s = get_slot(self, i, attached);
 	if (!s)
 		return -1;
 	*v = &s->v;
 	return 0;
+}
+
+static int parse_index(CoreObject *self, PyObject *args, struct vcpu **v)
+{
+	return parse_slot(self, args, v, false);
+}
+
+/* A wake-up or a sleep touches the vCPU's stats: only an attached vCPU has them. */
+static int parse_attached(CoreObject *self, PyObject *args, struct vcpu **v)
+{
+	return parse_slot(self, args, v, true);
 }
 
 /* kick(target, poster): poster -1 when the caller is not a vCPU thread. */
@@ -222,7 +233,8 @@ static PyObject *Core_stop(CoreObject *self, PyObject *noargs)
 	for (int i = 0; i < self->vm.nvcpus; i++) {
 		struct vcpu *v = &self->slots[i].v;
 		kvm_vcpu_kick(v, NULL);
-		kick_wake(v); /* a sleeper in any mode (Python's sleep too) */
+		if (self->slots[i].attached) /* no stats, and nobody asleep, otherwise */
+			kick_wake(v); /* a sleeper in any mode (Python's sleep too) */
 	}
 	Py_RETURN_NONE;
 }
@@ -232,7 +244,7 @@ static PyObject *Core_stop(CoreObject *self, PyObject *noargs)
 static PyObject *Core_sleep_begin(CoreObject *self, PyObject *args)
 {
 	struct vcpu *v;
-	if (parse_index(self, args, &v) < 0)
+	if (parse_attached(self, args, &v) < 0)
 		return NULL;
 	send_posted_kicks(v);
 	/* seq_cst: a sender that reads BLOCKED leaves a token. */
@@ -281,7 +293,7 @@ static PyObject *Core_wait(CoreObject *self, PyObject *args)
 static PyObject *Core_wake(CoreObject *self, PyObject *args)
 {
 	struct vcpu *v;
-	if (parse_index(self, args, &v) < 0)
+	if (parse_attached(self, args, &v) < 0)
 		return NULL;
 	kick_wake(v);
 	Py_RETURN_NONE;

@@ -219,8 +219,10 @@ static void adapt_halt_poll(struct vcpu *v, uint64_t halt_ns)
  * Python handles, the timer, or a stop. */
 static bool halt_over(struct vcpu *v)
 {
+	/* seq_cst: after the caller's seq_cst clear of `request` or `wake`, a stop whose
+	 * kick that clear erased is seen here (Core_stop stores `stopping` first). */
 	return lapic_halt_ends_at_once(v, true) || timer_due(v) ||
-	       atomic_load_explicit(&v->vm->stopping, memory_order_relaxed);
+	       atomic_load_explicit(&v->vm->stopping, memory_order_seq_cst);
 }
 
 /*
