@@ -35,8 +35,8 @@
  * the token just before EOI, so sent == received exactly and a token that never comes
  * back is a lost interrupt. Before a chaos phase a CPU closes (receptive = 0) and waits
  * until every token aimed at it came back; in chaos it may disable its APIC, change its
- * ID, software-disable it, and switch modes; a calm phase starts with a reset to a known
- * state. Random IPIs never use the counted vectors (0x40-0x4f), and never INIT (turned
+ * ID (never to another CPU's: a counted IPI to that CPU would reach both), software-
+ * disable it, and switch modes; a calm phase starts with a reset to a known state. Random IPIs never use the counted vectors (0x40-0x4f), and never INIT (turned
  * into INIT level de-assert: an INIT would reset a CPU into wait-for-SIPI, and the BSP
  * has no firmware to restart in), so they cannot invent or destroy counted interrupts.
  *
@@ -54,9 +54,22 @@
  * has its own helpers). The runtime returns from interrupts without IRET, so a CPU takes
  * at most one NMI.
  *
+ * The end of a run: a CPU whose quota is done resets its APIC (timers off) and, an AP,
+ * halts with interrupts on, so the IPIs of CPUs still fuzzing reach it. When all are
+ * done the BSP closes the run: it sets `closing` and sends CLOSE_VECTOR to all but
+ * itself; each AP takes it, disables interrupts for good and acknowledges (closed=).
+ * Only then does the BSP, interrupts off too, add up the counters: no interrupt can be
+ * injected into a CPU with IF=0, and one kvmpy injected before a CLI was delivered
+ * before it (KVM delivers a queued interrupt at the next entry, before any instruction),
+ * so "interrupts" is every interrupt kvmpy injected, the runner's exact check (without
+ * the close, an IPI or I/O APIC interrupt still on its way to a halted AP was handled
+ * after the sum: kvmpy counted 1-4 more than the guests).
+ *
  * Output (CPU 0): "fuzz: seed=.. cpus=.. mode=.. ops=..", counters as key=value lines,
+ * the interrupts each CPU handled by initial APIC ID ("fuzz: handled apic0=.. apic1=.."),
  * "fuzz: lost=L invented=I" and "fuzz: done" with exit 0; exit 1 if a counted IPI was
- * lost or invented or an oracle (APIC base rules, all-ones reads) failed.
+ * lost or invented, an oracle (APIC base rules, all-ones reads) failed, or an AP did
+ * not acknowledge the close.
  */
 #include "apic.h"
 
@@ -71,6 +84,8 @@
 #define GP 13
 #define RESTART_PAGE 0x4000u    /* initsipi=1: SIPI vector 4 restarts a CPU in fz_tramp */
 #define RESTART_POLLS 200000
+#define CLOSE_VECTOR 0xfe      /* the BSP's "stop taking interrupts" IPI at the end */
+#define CLOSE_TRIES 3
 #define IOAPIC_BASE 0xfec00000u
 #define IOAPIC_PINS 24
 #define TESTDEV_IRQ 0x2000
@@ -97,6 +112,7 @@ struct cpu_state {
     u32 msr_rd, msr_wr, mmio_rd, mmio_wr, pio, pio_str, icr_random, timer_ops;
     u32 phases, done, resets, restart_timeouts;
     u32 io_ops, io_bad, io_lines, io_quiets;
+    u32 close_timeouts;
     u8 iobuf[64];
 } __attribute__((aligned(64)));
 
@@ -108,7 +124,7 @@ static u32 sent[MAX_CPUS][MAX_CPUS][NTOK];     /* [sender][target][vector] */
 u32 fz_ids[MAX_CPUS];      /* APIC ID of each CPU index (the restart trampoline reads it) */
 #define ids fz_ids
 static u32 ncpus, quota, seed, calm_mode, maxphyaddr;
-static volatile u32 go, finished, unexpected;
+static volatile u32 go, finished, unexpected, closing, closed;
 static u32 initsipi;
 static volatile u32 park_req[MAX_CPUS];    /* 1: the BSP asks; 2: finished, no more */
 static volatile u32 parked[MAX_CPUS];
@@ -401,8 +417,25 @@ static u32 filter_icr(u32 low)
 
 static u32 filter_lvt(u32 val) { return (val & ~0xffu) | fv(val); }
 
+/* An xAPIC ID register value (ID in bits 31:24) that no other CPU has. A physical IPI
+ * to an ID two APICs share reaches both (SDM 10.6.2.1; kvmpy and KVM deliver to every
+ * match), so a counted IPI to the other CPU would also reach this one, uncounted: an
+ * invented IPI by the guest's own doing. */
+static u32 unaliased_id(u32 v)
+{
+    u32 cpu = cpu_index();
+
+    for (u32 c = 0; c < ncpus; c++)
+        if (c != cpu && (v >> 24) == ids[c]) {
+            v += 1u << 24;
+            c = -1u;                        /* again from the first CPU */
+        }
+    return v;
+}
+
 /* A write of `val` to APIC register `reg` made safe for this phase: calm phases keep
- * the APIC software-enabled and the xAPIC ID unchanged. Returns 0 to skip it. */
+ * the APIC software-enabled and the xAPIC ID unchanged; in chaos the ID may change,
+ * but never to another CPU's. Returns 0 to skip it. */
 static int filter_reg_write(u32 reg, u32 *val, int calm)
 {
     if (reg == APIC_ICR)
@@ -415,6 +448,8 @@ static int filter_reg_write(u32 reg, u32 *val, int calm)
         *val |= APIC_SVR_ENABLE;
     else if (reg == APIC_ID && calm)
         return 0;
+    else if (reg == APIC_ID)
+        *val = unaliased_id(*val);
     return 1;
 }
 
@@ -814,6 +849,8 @@ static void op_identity(struct cpu_state *st, u32 r)
 
     if (reg == APIC_SVR)
         v &= 0x3ff;
+    else if (reg == APIC_ID)
+        v = unaliased_id(v);
     reg_write(st, reg, v);
     st->msr_wr++;
     count_fault(st);
@@ -1140,6 +1177,7 @@ static void one_op(struct cpu_state *st, u32 cpu, int calm)
 }
 
 static void fuzz_loop(struct cpu_state *st, u32 cpu);
+static void ap_idle(void) __attribute__((noreturn));
 
 /* initsipi=1: this CPU stops taking part (tokens drained), leaves its APIC enabled in
  * xAPIC mode with its own ID (an INIT must reach it), and spins with interrupts off
@@ -1176,8 +1214,7 @@ void fz_restart(u32 cpu)
     sti();
     open_calm(st, cpu);
     fuzz_loop(st, cpu);
-    for (;;)
-        asm volatile("sti; hlt" : : : "memory");
+    ap_idle();
 }
 
 /* BSP, calm phase, initsipi=1: INIT and SIPI to a parked AP, which resumes its loop. */
@@ -1308,13 +1345,44 @@ asm(".section .rodata\n"
     "    call fz_restart\n"
     "    jmp 3b\n");
 
+/* An AP whose quota is done: halt with interrupts on until the BSP closes the run, then
+ * turn them off for good and say so. The test runs with IF=0 and STI's shadow covers
+ * the HLT, so a close IPI that comes after the test still ends the HLT. */
+static void ap_idle(void)
+{
+    for (;;) {
+        cli();
+        if (__atomic_load_n(&closing, __ATOMIC_SEQ_CST))
+            break;
+        asm volatile("sti; hlt" : : : "memory");
+    }
+    __atomic_fetch_add(&closed, 1, __ATOMIC_SEQ_CST);
+    for (;;)
+        asm volatile("cli; hlt" : : : "memory");
+}
+
+/* BSP, every CPU done: make every AP stop taking interrupts (ap_idle), so that the
+ * counters added up next are final. */
+static void close_run(struct cpu_state *st)
+{
+    __atomic_store_n(&closing, 1, __ATOMIC_SEQ_CST);
+    for (u32 k = 0; k < CLOSE_TRIES && closed < ncpus - 1; k++) {
+        send_icr(st, APIC_DM_FIXED | APIC_INT_ASSERT | APIC_DEST_ALLBUT | CLOSE_VECTOR, 0);
+        for (u32 i = 0; i < DRAIN_POLLS && closed < ncpus - 1; i++)
+            pause();
+    }
+    if (closed < ncpus - 1) {
+        st->close_timeouts++;
+        printf("fuzz: only %u of %u APs acknowledged the close\n", closed, ncpus - 1);
+    }
+}
+
 void ap_main(u32 cpu)
 {
     while (!go)
         pause();
     fuzz(cpu);
-    for (;;)
-        asm volatile("sti; hlt" : : : "memory");
+    ap_idle();
 }
 
 #define SUM(field) ({ u32 s_ = 0; for (u32 c_ = 0; c_ < ncpus; c_++) s_ += cs[c_].field; s_; })
@@ -1374,6 +1442,7 @@ int main(struct multiboot_info *mbi)
     fuzz(0);
     while (finished < ncpus)
         pause();
+    close_run(&cs[0]);
     cli();
 
     for (u32 t = 0; t < ncpus; t++)
@@ -1387,6 +1456,9 @@ int main(struct multiboot_info *mbi)
                 lost += s - received[t][v];
             if (received[t][v] > s)
                 invented += received[t][v] - s;
+            if (received[t][v] != s)
+                printf("fuzz: cpu %u (apic %u) vector %x received %u sent %u\n", t, ids[t],
+                       TOK_BASE + v, received[t][v], s);
             if (token[t][v])
                 printf("fuzz: token cpu %u vector %x never came back\n", t, TOK_BASE + v);
         }
@@ -1406,9 +1478,15 @@ int main(struct multiboot_info *mbi)
            SUM(restore_faults), SUM(resets), SUM(restart_timeouts));
     printf("fuzz: ioapic_ops=%u ioapic_bad=%u ioapic_lines=%u ioapic_quiets=%u\n",
            SUM(io_ops), SUM(io_bad), SUM(io_lines), SUM(io_quiets));
+    printf("fuzz: closed=%u close_timeouts=%u\n", closed, SUM(close_timeouts));
+    printf("fuzz: handled");
+    for (u32 c = 0; c < ncpus; c++)
+        printf(" apic%u=%u", ids[c], cs[c].irqs);
+    printf("\n");
     printf("fuzz: lost=%u invented=%u\n", lost, invented);
     bad = lost + invented + SUM(base_mismatch) + SUM(hole_bad) + SUM(mmio_bad) + SUM(io_bad)
-          + SUM(send_faults) + SUM(restore_faults) + SUM(restart_timeouts);
+          + SUM(send_faults) + SUM(restore_faults) + SUM(restart_timeouts)
+          + SUM(close_timeouts);
     if (bad) {
         printf("fuzz: FAILED\n");
         return 1;

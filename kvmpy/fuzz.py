@@ -7,10 +7,12 @@ by reason, kvmpy's APIC and I/O APIC event counters, and the findings: host exce
 (status 8, an uncaught exception on a kvmpy thread, a warning logged by kvmpy, an IPI
 delivery failure, a thread or file descriptor left behind), hangs (timeouts and "every
 vCPU halted"), guest crashes (triple fault, status 4; KVM internal error, status 6),
-guest-detected failures (an oracle in the guest disagreed with the SDM) and lost or
-invented counted IPIs. Exit status 1 on any host exception, hang, leak or lost/invented
-IPI (`--strict`: on any finding at all), else 0. Each failing run is listed with the
-command that repeats it.
+guest-detected failures (an oracle in the guest disagreed with the SDM), lost or
+invented counted IPIs, and interrupts kvmpy injected that no guest handler saw (per vCPU:
+injected == handled + in flight at the stop, see `FuzzResult.injection_mismatch`). Exit
+status 1 on any host exception, hang, leak, lost/invented IPI or injection mismatch
+(`--strict`: on any finding at all), else 0. Each failing run is listed with the command
+that repeats it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 
 from kvmpy.guestbuild import build_guest
 from kvmpy.kvm.ioctls import EXIT_REASON_NAMES
+from kvmpy.kvm.system import VcpuFd
 from kvmpy.machine import (
     STATUS_GUEST_CRASH,
     STATUS_HUNG,
@@ -38,6 +41,7 @@ from kvmpy.machine import (
     Machine,
     MachineConfig,
 )
+from kvmpy.vcpu import FastpathSetting
 
 MODES = ("xapic", "x2apic", "mixed")
 _FIELD = re.compile(r"(\w+)=(\d+)")
@@ -56,6 +60,7 @@ class FuzzResult:
     status: int
     message: str
     initsipi: bool = False
+    fastpath: str = "native"  # --fastpath: native, python or off
     counters: dict[str, int] = field(default_factory=dict)  # the guest's key=value lines
     exits: dict[str, int] = field(default_factory=dict)  # exit reason name -> count
     icr_fast: int = 0
@@ -66,6 +71,11 @@ class FuzzResult:
     unclaimed_mmio: int = 0
     apic_events: dict[str, int] = field(default_factory=dict)  # LocalApic.stats, all vCPUs
     ioapic_events: dict[str, int] = field(default_factory=dict)  # IoApic.stats
+    # Per vCPU (index = initial APIC ID): interrupts kvmpy injected (LocalApic "injected",
+    # Python's and the core's acks), and those KVM still held queued at the stop
+    # (KVM_GET_VCPU_EVENTS interrupt.injected: injected, not yet delivered).
+    injected: tuple[int, ...] = ()
+    in_flight: tuple[int, ...] = ()
     host_errors: tuple[str, ...] = ()  # uncaught thread exceptions, kvmpy warnings
     threads_left: int = 0
     fds_grown: int = 0
@@ -96,18 +106,46 @@ class FuzzResult:
         return self.counters.get("lost", 0) + self.counters.get("invented", 0)
 
     @property
+    def handled(self) -> tuple[int, ...]:
+        """Interrupts each vCPU's guest handlers counted (the guest's "fuzz: handled
+        apic0=.. apic1=.." line, taken after every CPU disabled interrupts for good)."""
+        return tuple(self.counters.get(f"apic{i}", 0) for i in range(len(self.injected)))
+
+    @property
+    def injection_mismatch(self) -> int:
+        """Interrupts kvmpy injected that no guest handler counted and KVM did not hold at
+        the stop, or handled ones kvmpy never injected: sum over vCPUs of
+        |injected - handled - in flight|. 0 unless the guest printed its final counts."""
+        if not self.counts_final:
+            return 0
+        return sum(abs(i - h - f) for i, h, f in zip(self.injected, self.handled,
+                                                     self.in_flight, strict=True))
+
+    @property
+    def finished(self) -> bool:
+        """The guest ran to its end and printed its final counts."""
+        return self.status == GUEST_OK and "fuzz: done" in self.output
+
+    @property
+    def counts_final(self) -> bool:
+        """The guest printed the counts it took after every CPU turned interrupts off
+        for good, and then wrote its exit code (0 or a guest-detected failure)."""
+        return self.status & 1 == 1 and "fuzz: handled" in self.output
+
+    @property
     def guest_failure(self) -> bool:
         """The guest ran to its end but reported a failure (exit code != 0)."""
         return self.status & 1 == 1 and self.status != GUEST_OK
 
     @property
     def ok(self) -> bool:
-        return (self.status == GUEST_OK and "fuzz: done" in self.output
-                and not self.host_exception and not self.leaked and self.lost == 0)
+        return (self.finished and not self.host_exception and not self.leaked
+                and self.lost == 0 and self.injection_mismatch == 0)
 
     def repro(self) -> str:
         return (f"python -m kvmpy.fuzz --seeds {self.seed} --ops {self.ops} "
-                f"--cpus {self.cpus} --mode {self.mode}" + (" --initsipi" if self.initsipi else ""))
+                f"--cpus {self.cpus} --mode {self.mode} --fastpath {self.fastpath}"
+                + (" --initsipi" if self.initsipi else ""))
 
 
 class _Collect(logging.Handler):
@@ -126,6 +164,23 @@ def _open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
     except OSError:
         return 0
+
+
+def setting_name(fastpath: bool | str) -> str:
+    """--fastpath's name for a MachineConfig.fastpath value."""
+    return FastpathSetting.parse(fastpath).name.lower()
+
+
+def _queued_interrupt(fd: VcpuFd, errors: list[str]) -> int:
+    """1 if KVM holds an injected interrupt not yet delivered (kvm_vcpu_events
+    interrupt.injected: KVM_INTERRUPT queued it, no VM entry delivered it), else 0. The
+    vCPU threads have ended, so the vCPU's state is still."""
+    try:
+        event = fd.get_vcpu_events().interrupt
+    except OSError as exc:
+        errors.append(f"KVM_GET_VCPU_EVENTS after the stop: {exc}")
+        return 0
+    return 1 if event.injected and not event.soft else 0
 
 
 def run_fuzz(seed: int, ops: int = 2000, cpus: int = 2, mode: str = "mixed",
@@ -162,9 +217,14 @@ def run_fuzz(seed: int, ops: int = 2000, cpus: int = 2, mode: str = "mixed",
             unclaimed_pio = pio.unclaimed_reads + pio.unclaimed_writes
             unclaimed_mmio = mmio.unclaimed_reads + mmio.unclaimed_writes
             apic_events: Counter[str] = Counter()
+            injected: list[int] = []
+            in_flight: list[int] = []
             for vcpu in machine.vcpus:
                 if vcpu.apic is not None:
-                    apic_events.update(vcpu.apic.stats)
+                    stats = vcpu.apic.stats
+                    apic_events.update(stats)
+                    injected.append(stats["injected"])
+                    in_flight.append(_queued_interrupt(vcpu.fd, errors))
             ioapic_events = dict(machine.ioapic.stats) if machine.ioapic is not None else {}
     finally:
         threading.excepthook = old_hook
@@ -179,11 +239,12 @@ def run_fuzz(seed: int, ops: int = 2000, cpus: int = 2, mode: str = "mixed",
     exits = {EXIT_REASON_NAMES.get(r, f"reason {r}"): n for r, n in enumerate(stats.count) if n}
     return FuzzResult(
         seed=seed, ops=ops, cpus=cpus, mode=mode, status=result.status,
-        message=result.message, initsipi=initsipi, counters=counters, exits=exits,
+        message=result.message, initsipi=initsipi, fastpath=setting_name(fastpath),
+        counters=counters, exits=exits,
         icr_fast=stats.icr_fast, icr_slow=stats.icr_slow, delivery_failures=stats.delivery_failures,
         smi_dropped=stats.smi_dropped, unclaimed_pio=unclaimed_pio,
         unclaimed_mmio=unclaimed_mmio, apic_events=dict(apic_events),
-        ioapic_events=ioapic_events,
+        ioapic_events=ioapic_events, injected=tuple(injected), in_flight=tuple(in_flight),
         host_errors=tuple(errors + collect.lines),
         threads_left=max(0, threading.active_count() - threads0),
         fds_grown=max(0, _open_fds() - fds0), seconds=seconds, output=text,
@@ -211,14 +272,15 @@ def _child(task: Task, conn: multiprocessing.connection.Connection) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported as a host exception
         result = FuzzResult(task.seed, task.ops, task.cpus, task.mode, STATUS_VMM_FAULT,
                             f"runner: run_fuzz raised {type(exc).__name__}: {exc}",
-                            task.initsipi, host_errors=(repr(exc),))
+                            task.initsipi, setting_name(task.fastpath),
+                            host_errors=(repr(exc),))
     conn.send(result)
     conn.close()
 
 
 def _failed_task(task: Task, message: str) -> FuzzResult:
     return FuzzResult(task.seed, task.ops, task.cpus, task.mode, STATUS_VMM_FAULT, message,
-                      task.initsipi)
+                      task.initsipi, setting_name(task.fastpath))
 
 
 def run_many(tasks: list[Task], jobs: int = 1,
@@ -293,6 +355,9 @@ class Summary:
     operations: int = 0
     gp: int = 0
     interrupts: int = 0
+    injected: int = 0  # kvmpy's count, runs whose guest printed its final counts
+    in_flight: int = 0
+    injection_mismatch: int = 0
     nmi: int = 0
     tokens: int = 0
     resets: int = 0
@@ -321,7 +386,11 @@ class Summary:
             s.runs += 1
             s.operations += r.counters.get("ops", 0)
             s.gp += r.counters.get("gp", 0)
-            s.interrupts += r.counters.get("interrupts", 0)
+            if r.counts_final:
+                s.interrupts += r.counters.get("interrupts", 0)
+                s.injected += sum(r.injected)
+                s.in_flight += sum(r.in_flight)
+            s.injection_mismatch += r.injection_mismatch
             s.nmi += r.counters.get("nmi", 0)
             s.tokens += r.counters.get("tokens_received", 0)
             s.resets += r.counters.get("resets", 0)
@@ -347,17 +416,19 @@ class Summary:
 
     @property
     def must_fail(self) -> bool:
-        return bool(self.host_exceptions or self.hangs or self.lost or self.leaks)
+        return bool(self.host_exceptions or self.hangs or self.lost or self.leaks
+                    or self.injection_mismatch)
 
 
 def print_report(s: Summary, *, seeds: str, ops: int, cpus: list[int], mode: str,
-                 jobs: int, wall: float, initsipi: bool = False) -> None:
+                 jobs: int, wall: float, initsipi: bool = False,
+                 fastpath: str = "native") -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=120)
     t = Table(title=f"kvmpy guest fuzzer (guest/fuzz.c): seeds {seeds}, {ops} ops per run, "
-                    f"vCPUs {' '.join(map(str, cpus))}, mode {mode}"
+                    f"vCPUs {' '.join(map(str, cpus))}, mode {mode}, --fastpath {fastpath}"
                     + (", INIT/SIPI resets" if initsipi else ""))
     t.add_column("what")
     t.add_column("count", justify="right")
@@ -367,6 +438,9 @@ def print_report(s: Summary, *, seeds: str, ops: int, cpus: list[int], mode: str
         ("operations fuzzed (total)", s.operations),
         ("#GPs taken by the guests", s.gp),
         ("interrupts handled by the guests", s.interrupts),
+        ("interrupts injected by kvmpy / in flight at the stop",
+         f"{s.injected} / {s.in_flight}"),
+        ("injected - handled - in flight, per vCPU (must be 0)", s.injection_mismatch),
         ("NMIs handled", s.nmi),
         ("counted IPIs received (exact)", s.tokens),
         ("APs reset by INIT and restarted by SIPI", s.resets),
@@ -402,6 +476,10 @@ def print_report(s: Summary, *, seeds: str, ops: int, cpus: list[int], mode: str
                       f"repeat: {r.repro()}", markup=False)
         for line in r.host_errors[:5]:
             console.print(f"    {line}", markup=False)
+        if r.injection_mismatch:
+            console.print(f"    per vCPU: injected {list(r.injected)}, handled "
+                          f"{list(r.handled)}, in flight at the stop {list(r.in_flight)}",
+                          markup=False)
         tail = [ln for ln in r.output.splitlines() if "fuzz:" in ln and "=" not in ln]
         for line in tail[-3:]:
             console.print(f"    guest: {line}", markup=False)
@@ -432,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_many(tasks, args.jobs, progress=args.progress)
     summary = Summary.of(results)
     print_report(summary, seeds=args.seeds, ops=args.ops, cpus=args.cpus, mode=args.mode,
-                 jobs=args.jobs, wall=time.monotonic() - t0, initsipi=args.initsipi)
+                 jobs=args.jobs, wall=time.monotonic() - t0, initsipi=args.initsipi,
+                 fastpath=args.fastpath)
     if summary.must_fail:
         return 1
     if args.strict and (summary.crashes or summary.guest_failures):

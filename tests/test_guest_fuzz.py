@@ -63,8 +63,65 @@ def test_the_fuzzer_really_exercised_kvmpy(results: list[FuzzResult]) -> None:
     for event in ("index_out_of_range", "eoi_register", "mmio_write_ignored"):
         assert s.ioapic_events[event] > 0, s.ioapic_events
     assert s.ioapic_events["delivered"] + s.ioapic_events["masked"] > 0, s.ioapic_events
-    # Every interrupt kvmpy injected reached a guest handler, none more.
-    assert s.interrupts == s.apic_events["injected"]
+    # Every interrupt kvmpy injected reached a guest handler, none more (the guest adds
+    # up its counts after every CPU turned interrupts off for good: nothing in flight).
+    assert s.interrupts == s.apic_events["injected"] == s.injected
+    assert s.in_flight == 0 and s.injection_mismatch == 0
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_injection_reached_a_handler_of_that_vcpu(
+        results: list[FuzzResult], seed: int) -> None:
+    r = results[seed - 1]
+    assert r.counters["closed"] == 1 and r.counters["close_timeouts"] == 0
+    assert len(r.injected) == len(r.in_flight) == len(r.handled) == 2
+    assert sum(r.handled) == r.counters["interrupts"]
+    # per vCPU: injected == handled + in flight at the stop, and nothing in flight
+    assert r.injected == r.handled and r.in_flight == (0, 0), r
+    assert r.injection_mismatch == 0 and r.ok
+
+
+@pytest.mark.parametrize("fastpath", ["native", "python", "off"])
+def test_injected_equals_handled_on_four_vcpus_under_each_setting(fastpath: str) -> None:
+    for seed in (1, 2):
+        r = run_fuzz(seed, ops=600, cpus=4, mode="mixed", timeout=60, fastpath=fastpath)
+        assert r.finished, (r.message, r.output[-2000:])
+        assert r.fastpath == fastpath and f"--fastpath {fastpath}" in r.repro()
+        assert r.counters["closed"] == 3
+        assert sum(r.injected) > 0
+        assert r.injected == tuple(h + f for h, f in zip(r.handled, r.in_flight, strict=True))
+        assert r.injection_mismatch == 0 and r.ok
+
+
+def _result(injected: tuple[int, ...], handled: dict[str, int], in_flight: tuple[int, ...],
+            status: int = 1, output: str = "fuzz: handled\nfuzz: done\n") -> FuzzResult:
+    return FuzzResult(seed=1, ops=10, cpus=len(injected), mode="mixed", status=status,
+                      message="", counters=dict(handled), injected=injected,
+                      in_flight=in_flight, output=output)
+
+
+def test_injection_accounting_counts_what_kvm_held_at_the_stop() -> None:
+    # vCPU 1: 3 injected, 2 handled, 1 still queued in KVM at the stop: accounted for.
+    r = _result((5, 3), {"apic0": 5, "apic1": 2}, (0, 1))
+    assert r.handled == (5, 2) and r.injection_mismatch == 0 and r.ok
+    # The same without the queued one: an interrupt injected that no handler saw.
+    lost = _result((5, 3), {"apic0": 5, "apic1": 2}, (0, 0))
+    assert lost.injection_mismatch == 1 and not lost.ok
+    # A handler count kvmpy never injected (a double delivery) is a mismatch too, and
+    # per vCPU: a surplus on one vCPU does not cancel a deficit on another.
+    moved = _result((5, 3), {"apic0": 6, "apic1": 2}, (0, 0))
+    assert moved.injection_mismatch == 2
+    s = Summary.of([r, lost])
+    assert s.injected == 16 and s.in_flight == 1 and s.injection_mismatch == 1
+    assert s.must_fail and s.failed == [lost]
+    # A guest that reported a failure still printed final counts: compared.
+    failed = _result((5, 3), {"apic0": 5, "apic1": 2}, (0, 0), status=3,
+                     output="fuzz: handled\nfuzz: FAILED\n")
+    assert failed.guest_failure and failed.injection_mismatch == 1
+    # A guest that did not get that far has no final counts: not compared.
+    hung = _result((5, 3), {}, (0, 1), status=8, output="")
+    assert hung.injection_mismatch == 0
+    assert Summary.of([hung]).injected == 0
 
 
 def test_parse_seeds() -> None:
