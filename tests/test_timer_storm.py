@@ -27,9 +27,8 @@ pytestmark = pytest.mark.kvm
 GUEST_OK = (0 << 1) | 1  # the guest wrote 0 to the debug-exit port
 
 
-@pytest.mark.xfail(strict=True, reason="native core loop top: a due timer is handed to "
-                   "Python before every KVM_RUN, so a 1 ns periodic timer starves the guest")
-@pytest.mark.parametrize(("fastpath", "mode"), [("native", "xapic"), ("off", "x2apic")])
+@pytest.mark.parametrize(("fastpath", "mode"), [("native", "xapic"), ("native", "x2apic"),
+                                               ("python", "x2apic"), ("off", "x2apic")])
 def test_a_one_nanosecond_periodic_timer_does_not_stop_the_guest(fastpath: str,
                                                                   mode: str) -> None:
     r = subprocess.run(

@@ -322,6 +322,10 @@ enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit)
 {
 	struct vm *vm = v->vm;
 	struct kvm_run *kr = v->run;
+	/* Python processed a due timer before this call: hand a newly due one back only
+	 * after one entry, so that a periodic timer shorter than the round trip cannot
+	 * keep the vCPU out of the guest (a guest's 1 ns period; guest/timer_storm.c). */
+	bool entered = false;
 	for (;;) {
 		if (atomic_load_explicit(&vm->stopping, memory_order_acquire))
 			return RET_STOP;
@@ -331,7 +335,7 @@ enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit)
 				      memory_order_relaxed);
 		/* seq_cst: cleared before the events are read (a later request is seen). */
 		atomic_store_explicit(&v->request, 0, memory_order_seq_cst);
-		if (slow_events(v) || timer_due(v) || !sync_cr8(v))
+		if (slow_events(v) || (entered && timer_due(v)) || !sync_cr8(v))
 			return RET_EVENTS;
 		if (!inject_pending_irq(v))
 			return RET_ERROR;
@@ -345,6 +349,7 @@ enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit)
 		send_posted_kicks(v);
 		if (run(v, exit) < 0)
 			return RET_ERROR;
+		entered = true;
 		enum fastpath fp = handle_exit_irqoff(v, exit);
 		exit->fp = fp;
 		account(v, exit);
