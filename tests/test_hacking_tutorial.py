@@ -35,15 +35,15 @@ RUN_PY = "kvmpy run ipi_coalesce --cpus 2 --fastpath python --stat"
 TRACE_BEFORE = "kvmpy run ipi_coalesce --cpus 2 --fastpath python --trace before.json"
 SUMMARY_BEFORE = "kvmpy trace summary before.json"
 APPLY_PY = f"git apply {PY_PATCH}"
-TESTS_PY = ("python -m pytest -q tests/test_apic_routing.py tests/test_apic_properties.py "
-            "tests/test_fastpath.py tests/test_ipi_stress.py")
+TESTS_PY = ("python -m pytest -q -m \"not slow\" tests/test_apic_routing.py "
+            "tests/test_apic_properties.py tests/test_fastpath.py tests/test_ipi_stress.py")
 TRACE_AFTER = "kvmpy run ipi_coalesce --cpus 2 --fastpath python --trace after.json"
 SUMMARY_AFTER = "kvmpy trace summary after.json"
 AB = "kvmpy bench ab --base main --guest ipi_coalesce --figure 'burst_send (\\d+)' --unit cycles"
 AB_PY = f"{AB} --append n=500 --run-args '--fastpath python'"
 APPLY_C = f"git apply {C_PATCH}"
-TESTS_C = ("python -m pytest -q tests/test_kick_model.py tests/test_apic_guests.py "
-           "tests/test_ipi_stress.py")
+TESTS_C = ("python -m pytest -q -m \"not slow\" tests/test_kick_model.py "
+           "tests/test_native_differential.py tests/test_apic_guests.py tests/test_ipi_stress.py")
 RUN_C = "kvmpy run ipi_coalesce --cpus 2 --stat"
 AB_C = f"{AB} --append n=500"
 AB_SEED = "kvmpy bench ab --base main --ipi-bench 200 --tests vmexit_ipi vmexit_ipi_halt"
