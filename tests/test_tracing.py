@@ -324,6 +324,8 @@ def test_summary_hops_are_the_differences_of_the_recorded_times(tmp_path: Path) 
     assert hops["inject -> EOI"].values == [0.042, 0.042]
     assert hops["send -> wake (halted target)"].values == [0.03, 0.03]
     assert s.counts["interrupts"] == 2 and s.counts["complete"] == 2
+    assert s.counts["kicks"] == 2 and s.counts["kicks wake"] == 2  # one per IPI, halted
+    assert s.counts["kicks signal"] == s.counts["kicks request only"] == 0
     assert set(s.states) == {"vCPU 0", "vCPU 1"} and s.states["vCPU 1"]["blocked"] > 0
 
 
@@ -339,6 +341,7 @@ def test_cli_trace_summary_table_json_and_plot(tmp_path: Path, capsys) -> None:
     assert main(["trace", "summary", str(path)]) == 0
     out = capsys.readouterr().out
     assert "send -> inject" in out and "Where each vCPU's time went" in out
+    assert "Kicks: 2 (0 signals to vCPUs in the guest, 2 wake-ups of halted vCPUs" in out
     assert main(["trace", "summary", str(path), "--json", "--plot",
                  str(tmp_path / "s.png")]) == 0
     data = json.loads(capsys.readouterr().out)

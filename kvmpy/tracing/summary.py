@@ -4,7 +4,8 @@ Per-interrupt latency by hop, from the ``irq`` instants the exporter writes (one
 injected interrupt, its args holding the time of each hop), as p50/p99 over the
 interrupts that took the hop; and per vCPU, the time in each state (in the guest, exit
 handling on the fastpath or the slow path, the loop top, halted, waiting for SIPI) and
-the exits that cost the most, from the state slices.
+the exits that cost the most, from the state slices; and the kicks, by how the kicker
+found its target (the ``kick`` instants).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TextIO
 
 from kvmpy.errors import KvmpyError
 
-from .export import FORMAT, PID
+from .export import FORMAT, KICK_NAMES, PID
 
 # (label, sources it applies to, from, to). Times are the Interrupt fields.
 HOPS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
@@ -37,6 +38,7 @@ HOPS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ("timer IRR -> inject", ("timer",), "t_send", "t_inject"),
 )
 STATE_ORDER = ("guest", "exit.fast", "exit.slow", "loop", "blocked")
+KICK_HOWS = tuple(KICK_NAMES.values())  # "request only", "signal", "wake", "self"
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -114,12 +116,15 @@ def summarize(trace: dict[str, object]) -> Summary:
     states: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     exits: dict[str, Dist] = {}
     vcpus = int(other.get("vcpus", 0))
+    kicks: dict[str, int] = defaultdict(int)  # how -> count ("" when not recorded)
     for ev in events:
         ph = ev.get("ph")
         if ph == "M" and ev.get("name") == "thread_name":
             names[ev["tid"]] = ev["args"]["name"]
         elif ph == "i" and ev.get("cat") == "irq":
             irqs.append(ev["args"])
+        elif ph == "i" and ev.get("cat") == "kick":
+            kicks[str((ev.get("args") or {}).get("how", ""))] += 1
         elif ph == "X" and ev.get("pid") == PID and 1 <= ev.get("tid", 0) <= vcpus:
             cat = str(ev.get("cat", ""))
             key = "blocked" if cat == "blocked" else cat
@@ -147,6 +152,9 @@ def summarize(trace: dict[str, object]) -> Summary:
             label = f"vCPU {it['target']} {it['vector']:#x} {source}: source -> EOI"
             by_vector.setdefault(label, Dist(label)).values.append(
                 (int(end) - int(start)) / 1000)
+    counts["kicks"] = sum(kicks.values())
+    for how in KICK_HOWS:
+        counts[f"kicks {how}"] = kicks.get(how, 0)
     for key in ("unsourced_injections", "truncated_injections", "never_injected",
                 "rejected_ipis", "events_dropped"):
         counts[key] = int(other.get(key, 0))
@@ -167,6 +175,9 @@ def print_summary(s: Summary, file: TextIO | None = None) -> None:
                   f"into a pending one, {c['unsourced_injections']} injections with no "
                   f"recorded source, {c['never_injected']} sources never injected, "
                   f"{c['events_dropped']} events overwritten. Clock: {s.other.get('clock')}.")
+    console.print(f"Kicks: {c['kicks']} ({c['kicks signal']} signals to vCPUs in the guest, "
+                  f"{c['kicks wake']} wake-ups of halted vCPUs, {c['kicks request only']} to "
+                  f"vCPUs outside the guest, {c['kicks self']} self)")
     t = Table(title="Per-interrupt latency by hop (us)")
     for col in ("hop", "n", "p50", "p99", "mean", "max"):
         t.add_column(col, justify="left" if col == "hop" else "right")
