@@ -24,16 +24,19 @@ from kvmpy.apic.ioapic import IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, IoApic
 from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
 from kvmpy.boot.cpu import setup_protected_mode, setup_real_mode_sipi, write_boot_gdt
 from kvmpy.bus import Bus
-from kvmpy.cpuid import guest_cpuid
-from kvmpy.cpumodel import HOST, CpuModel
+from kvmpy.cpuid import plan_cpuid, vcpu_cpuid
+from kvmpy.cpumodel import HOST, CpuModel, check_host
 from kvmpy.devices import DebugExit, FwCfg, Pit8254, Serial16550, SystemControlB
 from kvmpy.devices.irq import IrqRouter, isa_gsi
 from kvmpy.devices.pc_testdev import (
     PC_TESTDEV_BASE,
+    PC_TESTDEV_IOMEM_BASE,
+    PC_TESTDEV_IOMEM_LENGTH,
     PC_TESTDEV_IRQ_BASE,
     PC_TESTDEV_IRQ_LINES,
     PC_TESTDEV_LENGTH,
     PcTestdev,
+    PcTestdevIomem,
     PcTestdevIrq,
 )
 from kvmpy.devices.pit_irq import PitIrq0
@@ -129,6 +132,7 @@ class Machine:
         self.kvm = kvm or Kvm.open(config.kvm_path)
         self._own_kvm = kvm is None
         self.kvm.require_caps()
+        check_host(config.cpu, has_hyperv=self.kvm.check_extension(k.KVM_CAP_HYPERV) > 0)
         self.stopping = False
         self.exit_lock = threading.Lock()  # the srcu_read_lock analogue (DESIGN.md)
         self._result: VmResult | None = None
@@ -156,12 +160,12 @@ class Machine:
             self._setup_devices()
             self.apic_bus = ApicBus(self._notify_vcpu)
             self.vcpus: list[Vcpu] = []
-            supported = self.kvm.supported_cpuid()
-            maxphyaddr = next((e.eax & 0xFF for e in supported if e.function == 0x80000008),
-                              36)
+            self.cpuid = plan_cpuid(self.kvm.supported_cpuid(), config.cpu,
+                                    irqchip=config.irqchip, backend=self.kvm.backend)
+            maxphyaddr = self.cpuid.maxphyaddr
             for i in range(config.cpus):
                 fd = self.vm.create_vcpu(i)
-                fd.set_cpuid(guest_cpuid(supported, i, config.cpus, config.cpu))
+                fd.set_cpuid(vcpu_cpuid(self.cpuid, i, config.cpus))
                 self.tsc_hz = fd.get_tsc_khz() * 1000
                 apic: LocalApic | None = None
                 if not self.kernel_irqchip:
@@ -248,6 +252,7 @@ class Machine:
         self.pio_bus.register(PC_TESTDEV_BASE, PC_TESTDEV_LENGTH, self.pc_testdev)
         self.pio_bus.register(PC_TESTDEV_IRQ_BASE, PC_TESTDEV_IRQ_LINES,
                               PcTestdevIrq(self.irq))
+        self.mmio_bus.register(PC_TESTDEV_IOMEM_BASE, PC_TESTDEV_IOMEM_LENGTH, PcTestdevIomem())
 
     def _arm_pit(self, deadline_ns: int) -> None:
         self.timers.arm(self._pit_timer, deadline_ns)
