@@ -63,6 +63,7 @@ class LocalApic:
         x2apic_supported: bool = True,
         tsc_deadline_supported: bool = True,
         min_periodic_ns: int = 0,
+        lint0_extint_at_reset: bool = False,
     ) -> None:
         self.apic_id = apic_id  # initial APIC ID == x2APIC ID (SDM 10.12.5.1)
         self.bus = bus
@@ -82,6 +83,10 @@ class LocalApic:
         self.tsc_deadline_supported = tsc_deadline_supported
         self.index = -1  # set by ApicBus.add
         self.x2apic_ldr = x2apic_ldr(apic_id)
+        # KVM's KVM_X86_QUIRK_LINT0_REENABLED (kvm_lapic_reset) and QEMU's
+        # apic_reset_common: the BSP's LVT LINT0 resets to ExtINT, unmasked, so the
+        # 8259's interrupts reach it before any software programs the APIC.
+        self.lint0_extint_at_reset = lint0_extint_at_reset
         # Called with the vector on the EOI of a level-triggered interrupt (TMR set):
         # the VMM may forward it to the IOAPIC (SDM 10.8.5). Runs on the owner's thread.
         self.on_level_eoi: Callable[[int], None] | None = None
@@ -153,6 +158,8 @@ class LocalApic:
             self._esr_pending = 0
         for i in range(c.LVT_COUNT):
             self._lvt[i] = c.LVT_MASKED
+        if self.lint0_extint_at_reset:
+            self._lvt[c.LVT_LINT0] = c.DM_EXTINT << 8
         self.timer.reset()
 
     # ================================================================ counters
@@ -450,6 +457,16 @@ class LocalApic:
     def lvt(self, index: int) -> int:
         """Current value of LVT entry ``index`` (LVT_TIMER .. LVT_ERROR)."""
         return self._lvt[index]
+
+    def accepts_pic_interrupts(self) -> bool:
+        """Does the 8259's INTR reach this CPU? KVM's kvm_apic_accept_pic_intr: when the
+        APIC is globally disabled (SDM 10.4.3: LINT0 is then the INTR pin), or LVT LINT0
+        is unmasked with delivery mode ExtINT (SDM 10.5.1). Like KVM and QEMU, the
+        software-enable bit is not consulted."""
+        if self.mode is _DISABLED:
+            return True
+        lint0 = self._lvt[c.LVT_LINT0]
+        return not lint0 & c.LVT_MASKED and (lint0 >> 8) & 7 == c.DM_EXTINT
 
     # ================================================================ ESR
     def _latch_esr(self) -> None:
