@@ -298,6 +298,10 @@ def load_multiboot(
     info_size = MBI_SIZE + MB_MOD_SIZE * len(modules) + len(mmap_data) \
         + sum(len(x) for x in string_list)
     info = _place_info(info_size, kernel, kernel_high)
+    if info != LOW_INFO_ADDRESS and not mem.is_ram(info, info_size):
+        raise ImageError(f"no room for the multiboot information: the kernel covers "
+                         f"{LOW_INFO_ADDRESS:#x} and ends at {kernel_high:#x}, the end of RAM "
+                         "(give the guest more memory)")
     mods_addr = info + MBI_SIZE
     mmap_addr = mods_addr + MB_MOD_SIZE * len(modules)
     strings_addr = mmap_addr + len(mmap_data)
