@@ -299,10 +299,10 @@ class Machine:
         the multiboot command line, as QEMU does: kvm-unit-tests reads argv[0] there."""
         mem = self.memory
         cfg = self.config
-        setup_bios_state(mem, self.pic)  # before the image: where they overlap, it wins
-        if flat:
+        if flat:  # a raw binary: no BIOS ran before it
             boot = load_flat(mem, image)
         elif is_multiboot(image):
+            setup_bios_state(mem, self.pic)  # first: where the image overlaps it, it wins
             modules = [(cfg.initrd, cfg.initrd_name)] if cfg.initrd is not None else []
             boot = load_multiboot(mem, image, cmdline=cfg.cmdline, modules=modules,
                                   kernel_name=name)

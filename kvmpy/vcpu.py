@@ -309,7 +309,7 @@ class Vcpu:
     def extint_pending(self) -> bool:
         """Is the 8259's INTR up, and does this vCPU's APIC take it (LINT0 ExtINT)?
         KVM's kvm_cpu_has_extint."""
-        pic = self.machine.pic
+        pic = getattr(self.machine, "pic", None)
         return pic is not None and pic.output and self.apic.accepts_pic_interrupts()
 
     def after_apic_write(self) -> None:

@@ -184,3 +184,15 @@ def test_bios_state_ivt_handlers_and_pics() -> None:
         assert pic.output and pic.acknowledge() == 0x08
     finally:
         mem.close()
+
+
+def test_power_on_every_input_is_masked_until_programmed() -> None:
+    pc = Pc()
+    assert (pc.inb(0x21), pc.inb(0xA1)) == (0xFF, 0xFF)
+    pc.pic.set_irq(0, True)
+    assert not pc.pic.output and pc.edges == []
+    pc.init()  # ICW1 clears the mask and the edge latches (QEMU's pic_init_reset)
+    assert not pc.pic.output
+    pc.pic.set_irq(0, False)
+    pc.pic.set_irq(0, True)
+    assert pc.pic.output and pc.pic.acknowledge() == 0x08

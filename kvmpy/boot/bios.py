@@ -20,6 +20,7 @@ enables interrupts without masking the PICs gets the timer at vector 08h, as on 
 
 Everything goes into guest RAM below 1 MiB, before the kernel is loaded: where a
 kernel overlaps it, the kernel wins (QEMU's option ROM loads the kernel last too).
+Multiboot images only: a `--flat` raw binary is kvmpy's bare mode, with no BIOS.
 """
 
 from __future__ import annotations

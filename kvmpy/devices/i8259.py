@@ -12,6 +12,11 @@ Ports: master 0x20-0x21, slave 0xa0-0xa1, ELCR 0x4d0-0x4d1. Every register is on
 byte; a wider access is taken as that many one-byte accesses at consecutive ports, as
 QEMU's memory core splits it for these byte-wide regions.
 
+Power-on state: every input masked. QEMU's reset leaves IMR = 0 and vector base 0,
+but no QEMU guest ever sees that (SeaBIOS programs the PICs first); kvmpy's guests get
+the programmed state from kvmpy/boot/bios.py, and a `--flat` guest, which has no BIOS,
+gets no PIC interrupt before it programs the PICs itself (ICW1 clears IMR).
+
 The master's INT output is `output`; `on_output(level)` is called (outside the lock)
 whenever it changes. Where it goes is the machine's business: in a PC, to LINT0 of
 every local APIC (kvmpy/machine.py: accepted per KVM's kvm_apic_accept_pic_intr).
@@ -41,6 +46,7 @@ class _Chip:
         self.irr = 0
         self.last_irr = 0
         self.init_reset()
+        self.imr = 0xFF  # power-on: masked until programmed (see the module docstring)
 
     def init_reset(self) -> None:
         """ICW1 (and power-on): QEMU's pic_init_reset. The ELCR is not reset."""
