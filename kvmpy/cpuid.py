@@ -77,6 +77,7 @@ class CpuidPlan:
     passed: list[PassedBit] = field(default_factory=list)
     withheld: dict[str, str] = field(default_factory=dict)  # supported, not honoured
     warnings: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # requested, KVM lacks them
     maxphyaddr: int = 36
     vendor: str = ""
 
@@ -117,9 +118,9 @@ def plan_cpuid(supported: Iterable[KvmCpuidEntry2], model: CpuModel = HOST, *,
             for b in list(plan.passed) if (b.leaf, b.reg) == (1, "edx") and aliases >> b.bit & 1
         ]
     _check_vmx_flags(model, plan)
-    missing = [w for w in plan.warnings if w.startswith("host doesn't support")]
-    if model.enforce and missing:
-        raise KvmpyError("-cpu ...,enforce: " + "; ".join(missing))
+    if model.enforce and plan.missing:
+        raise KvmpyError(f"-cpu {model.spec}: KVM does not support "
+                         f"{', '.join(plan.missing)}")
     host_phys = sup[(0x8000_0008, 0)].eax & 0xFF if (0x8000_0008, 0) in sup else 36
     plan.maxphyaddr = _phys_bits(model, host_phys)
     entries = _host_layout(sup, final, plan) if d.host else _model_layout(sup, final, model,
@@ -148,6 +149,7 @@ def _decide_word(w: FeatureWord, sup: dict[tuple[int, int], KvmCpuidEntry2],
             continue
         if not supported >> bit & 1:
             if not model.definition.host or model.requested(name):
+                plan.missing.append(name)
                 plan.warnings.append("host doesn't support requested feature: "
                                      + describe_bit(w.leaf, w.subleaf, w.reg, bit, name))
             continue
@@ -166,8 +168,10 @@ def _check_vmx_flags(model: CpuModel, plan: CpuidPlan) -> None:
     """VMX capability flags (QEMU's MSR feature words) need VMX, which no guest of
     kvmpy gets (cpuid_policy: nested VMX is not implemented): dropped with QEMU's
     warning, as QEMU drops them where KVM has no nested VMX."""
+    asked = [name for name, on in model.flags if name in VMX_FEATURES and on]
+    plan.missing += asked
     plan.warnings += [f"host doesn't support requested feature: {name} (no VMX for this "
-                      "guest)" for name, on in model.flags if name in VMX_FEATURES and on]
+                      "guest)" for name in asked]
 
 
 def _phys_bits(model: CpuModel, host_phys: int) -> int:
