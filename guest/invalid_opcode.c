@@ -19,13 +19,17 @@ static void on_ud(struct frame *f)
     f->eip += 4;                    /* skip the 4 bytes */
 }
 
+/* The bytes live in .data (executable here: no paging), so .text stays all
+ * instructions; called, they fault, and on_ud's skip lands on the RET. */
+asm(".data\n.globl no_insn\nno_insn: .byte 0x0f, 0x38, 0xf0, 0xc0\n ret\n.text");
+
 int main(struct multiboot_info *mbi)
 {
     extern char no_insn[];
 
     (void)mbi;
     handler[6] = on_ud;
-    asm volatile(".globl no_insn\nno_insn: .byte 0x0f, 0x38, 0xf0, 0xc0" ::: "memory");
+    asm volatile("call no_insn" ::: "memory", "eax", "ecx", "edx");
     printf("invalid_opcode: vector %u at %s\n", seen_vector,
            seen_eip == (u32)no_insn ? "the instruction" : "elsewhere");
     return seen_vector == 6 ? 0 : 1;

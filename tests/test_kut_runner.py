@@ -134,3 +134,12 @@ def test_ioapic_fails_only_what_the_host_fails(kvmpy_qemu: Path, tmp_path: Path)
     assert results["ioapic"][0] == ("PASS" if not failed else "FAIL"), results
     assert "timeout" not in results["ioapic"][1]
     assert len(subtests(logs, "ioapic", "PASS")) >= 20
+
+
+def test_realmode_lam_rdpru_pass_and_asyncpf_skips(kvmpy_qemu: Path, tmp_path: Path) -> None:
+    # realmode: its multiboot info after the kernel and its `sti; hlt` woken by the PIT
+    # through the 8259; lam: pc-testdev's I/O RAM; rdpru: #UD for no instruction;
+    # asyncpf: KVM's async PF needs its in-kernel APIC, so kvmpy does not offer it.
+    results, _ = run_tests(kvmpy_qemu, tmp_path, "realmode", "lam", "rdpru", "asyncpf")
+    assert {t: v for t, (v, _) in results.items()} == {
+        "realmode": "PASS", "lam": "PASS", "rdpru": "PASS", "asyncpf": "SKIP"}, results
