@@ -28,7 +28,9 @@
  *
  * Samples (u32 TSC deltas) stay in guest memory; for each test the guest prints
  *   "ipi_bench: test NAME n=K addr=0xADDR"
- * and the host reads them from guest RAM after the VM ends.
+ * and the host reads them from guest RAM after the VM ends. With "report=median" it also
+ * prints each test's median, for hosts that only see the console (`kvmpy bench ab`):
+ *   "ipi_bench: median NAME CYCLES"
  */
 #include "apic.h"
 
@@ -51,7 +53,8 @@ static const char *const test_name[NTESTS] = {"rt", "oneway", "rt_halt", "oneway
 static u32 samples[NTESTS][MAXS];
 static volatile u32 pong, arrived, acks, responder_halts, phase_done;
 static volatile u64 t_recv;
-static u32 x2, ncpus, nsamples, only_vmexit;
+static u32 x2, ncpus, nsamples, only_vmexit, report_median;
+static u32 scratch[MAXS]; /* report=median sorts a copy: the host may read samples */
 static u32 ids[64];
 
 static inline u32 delta(u64 a, u64 b) { return b - a > 0xffffffffu ? 0xffffffffu : (u32)(b - a); }
@@ -134,6 +137,16 @@ static void vmexit_tests(void)
 static volatile u32 go;
 static void set_flat_ldr(void *arg);
 
+/* Tests first..last: where their samples are, and (report=median) their medians. */
+static void report(u32 first, u32 last)
+{
+    for (u32 t = first; t <= last; t++)
+        printf("ipi_bench: test %s n=%u addr=0x%x\n", test_name[t], nsamples, (u32)samples[t]);
+    for (u32 t = first; t <= last && report_median && nsamples; t++)
+        printf("ipi_bench: median %s %u\n", test_name[t],
+               median_u32(memcpy(scratch, samples[t], 4 * nsamples), nsamples));
+}
+
 void ap_main(u32 cpu)
 {
     (void)cpu;
@@ -166,9 +179,7 @@ static void two_cpu_tests(void)
         for (u32 i = 0; i < 50000; i++) /* let CPU 1 reach its hlt */
             pause();
         vmexit_tests();
-        for (u32 t = T_VMEXIT_IPI; t <= T_VMEXIT_IPI_HALT; t++)
-            printf("ipi_bench: test %s n=%u addr=0x%x\n", test_name[t], nsamples,
-                   (u32)samples[t]);
+        report(T_VMEXIT_IPI, T_VMEXIT_IPI_HALT);
         return;
     }
     for (u32 halt = 0; halt < 2; halt++) {
@@ -211,9 +222,7 @@ static void two_cpu_tests(void)
         samples[T_SEND_KICK][i] = delta(t0, rdtsc());
         spin_until(&arrived);
     }
-    for (u32 t = T_RT; t <= T_VMEXIT_IPI_HALT; t++)
-        printf("ipi_bench: test %s n=%u addr=0x%x\n", test_name[t], nsamples,
-               (u32)samples[t]);
+    report(T_RT, T_VMEXIT_IPI_HALT);
 }
 
 static void scaling_tests(void)
@@ -254,9 +263,7 @@ static void scaling_tests(void)
             pause();
         samples[T_MCAST][i] = delta(t0, rdtsc()) / targets;
     }
-    for (u32 t = T_BCAST; t <= T_MCAST; t++)
-        printf("ipi_bench: test %s n=%u addr=0x%x\n", test_name[t], nsamples,
-               (u32)samples[t]);
+    report(T_BCAST, T_MCAST);
 }
 
 static void set_flat_ldr(void *arg)
@@ -276,6 +283,7 @@ int main(struct multiboot_info *mbi)
     nsamples = (a = cmdline_value(cmdline, "n")) ? parse_u32(a) : 300;
     scale = (a = cmdline_value(cmdline, "scale")) ? parse_u32(a) : 0;
     only_vmexit = (a = cmdline_value(cmdline, "only")) && !strncmp(a, "vmexit", 6);
+    report_median = (a = cmdline_value(cmdline, "report")) && !strncmp(a, "median", 6);
     ncpus = (a = cmdline_value(cmdline, "cpus")) ? parse_u32(a) : smp_cpus_available();
     if (nsamples > MAXS)
         nsamples = MAXS;

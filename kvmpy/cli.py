@@ -61,9 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kvmpy {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="boot a multiboot (or flat) guest image",
-                         allow_abbrev=False)
-    run.add_argument("image", help="multiboot ELF32 image (e.g. a kvm-unit-tests .flat)")
+    from kvmpy.guests import guest_list_text
+
+    run = sub.add_parser("run", help="boot a multiboot (or flat) guest image, or a bundled "
+                         "guest by name", allow_abbrev=False,
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="bundled guests (built on first use and cached; "
+                         "`kvmpy guests` shows example commands):\n" + guest_list_text())
+    run.add_argument("image", metavar="IMAGE|GUEST",
+                     help="multiboot ELF32 image (e.g. a kvm-unit-tests .flat), or the name "
+                     "of a bundled guest (listed below)")
     run.add_argument("--cpus", "-smp", dest="cpus", default="1", metavar="N",
                      help="number of vCPUs (default 1)")
     run.add_argument("--memory", "-m", dest="memory", default="64M", metavar="SIZE",
@@ -79,8 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="IMAGE is a raw 32-bit binary, loaded and entered at 1 MiB")
     run.add_argument("--serial", dest="serial", metavar="FILE",
                      help="write the serial console to FILE instead of stdout")
-    run.add_argument("--no-fastpath", dest="fastpath", action="store_false",
-                     help="send every ICR write through the ordinary exit dispatch")
+    run.add_argument("--fastpath", dest="fastpath", choices=("native", "python", "off"),
+                     default="native", help="native: the C fastpath before the GIL "
+                     "(default); python: exits.handle_exit_irqoff under the GIL, where a "
+                     "change is prototyped; off: every exit to the ordinary dispatch")
+    run.add_argument("--no-fastpath", dest="fastpath", action="store_const", const="off",
+                     help="the same as --fastpath off")
     run.add_argument("--halt-poll-ns", dest="halt_poll_ns", type=int, default=None,
                      metavar="NS", help="longest halt-polling window (KVM's halt_poll_ns; "
                      f"default {HALT_POLL_NS_DEFAULT}, 0 never polls)")
@@ -104,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "131072; memory is preallocated, 32 bytes an event)")
 
     sub.add_parser("info", help="show the KVM backend and capabilities kvmpy uses")
+    sub.add_parser("guests", help="list the bundled guests `kvmpy run NAME` can boot")
 
     trace = sub.add_parser("trace", help="read a trace written by `kvmpy run --trace`",
                            allow_abbrev=False)
@@ -116,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: `ipi` (guest-measured IPI latency), "
                            "`floor` (ICR-write exits against a bare C KVM_RUN loop), "
-                           "`vmexit` (kvm-unit-tests' vmexit.flat, compared)",
+                           "`vmexit` (kvm-unit-tests' vmexit.flat, compared), `ab` (your "
+                           "working tree against a git ref)",
                            allow_abbrev=False)
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     ipi = bench_sub.add_parser("ipi", help="IPI round trip, one-way, halted receiver and "
@@ -126,8 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     ipi.add_argument("--rounds", type=int, default=3,
                      help="alternate the configurations this many times")
     ipi.add_argument("--mode", choices=("x2apic", "xapic"), default="x2apic")
-    ipi.add_argument("--configs", nargs="+", choices=("kvmpy-fast", "kvmpy-slow", "kernel"),
-                     default=["kvmpy-fast", "kvmpy-slow", "kernel"])
+    ipi.add_argument("--configs", nargs="+",
+                     choices=("kvmpy-fast", "kvmpy-python", "kvmpy-slow", "kernel"),
+                     default=["kvmpy-fast", "kvmpy-python", "kvmpy-slow", "kernel"],
+                     help="kvmpy-fast: --fastpath native; kvmpy-python: --fastpath python; "
+                     "kvmpy-slow: --fastpath off; kernel: KVM's in-kernel APIC")
     ipi.add_argument("--scale", action="store_true",
                      help="broadcast and multicast cost per target for 2..32 vCPUs")
     ipi.add_argument("--cpus", type=int, nargs="+", default=[2, 4, 8, 16, 32],
@@ -143,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compare_options(ipi, flag=True)
     add_vmexit_parser(bench_sub)
+    from kvmpy.bench.ab import add_ab_parser
+
+    add_ab_parser(bench_sub)
     floor = bench_sub.add_parser("floor", help="ICR-write exit cost: kvmpy vs a C floor",
                                  allow_abbrev=False)
     floor.add_argument("--n", type=int, default=20_000, help="ICR writes per run")
@@ -154,13 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace,
             configure: Callable[[MachineConfig], None] | None = None) -> int:
     """`kvmpy run`; `configure` may adjust the MachineConfig first (kvmpy-qemu does)."""
+    from kvmpy.corebuild import warning
     from kvmpy.cpumodel import parse_cpu
+    from kvmpy.guests import resolve_image
     from kvmpy.machine import STATUS_TERMINATED, Machine, MachineConfig
 
-    image_path = Path(args.image)
+    stale = warning()
+    if stale:
+        print(stale, file=sys.stderr)
     if args.trace_events is not None and not args.trace:
         raise KvmpyError("--trace-events needs --trace FILE.json")
+    image_path, bundled = resolve_image(args.image)
     image = _read_file(image_path, "image")
+    if bundled:
+        image_path = Path(args.image)  # name the guest, not its cached build, in messages
     initrd = _read_file(Path(args.initrd), "initrd") if args.initrd else None
     config = MachineConfig(
         cpus=parse_cpus(args.cpus), memory=parse_size(args.memory), cmdline=args.append,
@@ -196,6 +222,10 @@ def cmd_run(args: argparse.Namespace,
             if args.stat:
                 from kvmpy.report import print_exit_table
 
+                setting = machine.fastpath.name.lower()
+                print(f"kvmpy: fastpath {setting}, halt polling up to "
+                      f"{machine.halt_poll_max_ns} ns, vCPU threads {machine.pinning[1]}",
+                      file=sys.stderr)
                 print_exit_table(result.stats, file=sys.stderr)
             if args.plot:
                 from kvmpy.plot import plot_exit_histograms
@@ -258,6 +288,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from kvmpy import _core
     from kvmpy.kvm import Kvm
     from kvmpy.kvm import ioctls as k
     from kvmpy.kvm.system import REQUIRED_CAPS
@@ -269,12 +300,31 @@ def cmd_info(args: argparse.Namespace) -> int:
             name = k.CAPABILITY_NAMES.get(cap, str(cap))
             print(f"{name}: {kvm.check_extension(cap)}")
         print(f"KVM_CAP_MAX_VCPUS: {kvm.check_extension(k.KVM_CAP_MAX_VCPUS)}")
+        print(f"native exit core: {_core.__file__}")
+        print("fastpath settings: native (default), python, off")
     finally:
         kvm.close()
     return 0
 
 
+def cmd_guests(args: argparse.Namespace) -> int:
+    """`kvmpy guests`: each bundled guest, what it does, and a command that runs it."""
+    from kvmpy.guests import bundled_guests, describe, example_command
+
+    names = bundled_guests()
+    if not names:
+        raise KvmpyError("no bundled guests: guest/ is not next to this kvmpy "
+                         "(install from a clone: bash scripts/setup.sh)")
+    for name in names:
+        print(f"{name:<14} {describe(name).description}\n{'':<14} {example_command(name)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "ab":
+        from kvmpy.bench.ab import cli_main as ab_main
+
+        return ab_main(args)
     if args.bench == "vmexit" or getattr(args, "compare", False):
         from kvmpy.bench.compare import cli_main
 
@@ -357,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "guests":
+            return cmd_guests(args)
         if args.command == "bench":
             return cmd_bench(args)
         if args.command == "trace":

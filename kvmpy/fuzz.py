@@ -129,7 +129,7 @@ def _open_fds() -> int:
 
 
 def run_fuzz(seed: int, ops: int = 2000, cpus: int = 2, mode: str = "mixed",
-             timeout: float = 120.0, *, fastpath: bool = True,
+             timeout: float = 120.0, *, fastpath: bool | str = True,
              initsipi: bool = False) -> FuzzResult:
     """One run of the fuzz guest (guest/fuzz.c) in this process. `initsipi`: the BSP also
     resets APs mid-run with INIT and restarts them with a SIPI."""
@@ -200,7 +200,7 @@ class Task:
     cpus: int
     mode: str
     timeout: float
-    fastpath: bool
+    fastpath: bool | str
     initsipi: bool = False
 
 
@@ -416,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=MODES, default="mixed")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--timeout", type=float, default=120.0, help="per run, seconds")
-    p.add_argument("--no-fastpath", action="store_true")
+    p.add_argument("--fastpath", choices=("native", "python", "off"), default="native")
+    p.add_argument("--no-fastpath", action="store_const", dest="fastpath", const="off",
+                   help="the same as --fastpath off")
     p.add_argument("--initsipi", action="store_true",
                    help="the BSP also resets APs with INIT and restarts them with SIPI")
     p.add_argument("--strict", action="store_true",
@@ -424,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action="store_true", help="a line per run on stderr")
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
-    tasks = [Task(seed, args.ops, cpus, args.mode, args.timeout, not args.no_fastpath,
+    tasks = [Task(seed, args.ops, cpus, args.mode, args.timeout, args.fastpath,
                   args.initsipi) for cpus in args.cpus for seed in seeds]
     t0 = time.monotonic()
     results = run_many(tasks, args.jobs, progress=args.progress)

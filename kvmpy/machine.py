@@ -10,6 +10,7 @@ message are the result, and every vCPU thread is kicked out and joined.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -19,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
+from kvmpy import _core
+from kvmpy.acpi import platform as acpi_platform
 from kvmpy.apic import ApicBus, LocalApic
 from kvmpy.apic.ioapic import IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, IoApic
 from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
@@ -59,9 +62,9 @@ from kvmpy.trace import ExitStats
 from kvmpy.vcpu import (
     HALT_POLL_NS_DEFAULT,
     KICK_SIGNAL,
+    FastpathSetting,
     Vcpu,
     VcpuState,
-    install_kick_handler,
 )
 
 if TYPE_CHECKING:
@@ -95,7 +98,9 @@ class MachineConfig:
     initrd: bytes | None = None
     initrd_name: str = "initrd"  # the module's command line (QEMU passes the file name)
     serial: BinaryIO | None = None  # None: the process's stdout
-    fastpath: bool = True
+    # "native" (True): the C fastpath before the GIL; "python": exits.handle_exit_irqoff
+    # under the GIL; "off" (False): every exit to the dispatch.
+    fastpath: bool | str = True
     ap_start: str = "sipi"  # "sipi": APs wait for INIT-SIPI; "entry": all start at entry
     irqchip: str = "user"  # "user": kvmpy's APIC; "kernel": KVM's in-kernel irqchip
     record_time: bool = True
@@ -120,6 +125,10 @@ class MachineConfig:
             raise KvmpyError(f"--halt-poll-ns must be between 0 and 1e9, got {self.halt_poll_ns}")
         if self.pin_vcpus not in ("auto", "on", "off"):
             raise KvmpyError(f"--pin-vcpus must be auto, on or off, got {self.pin_vcpus!r}")
+        try:
+            FastpathSetting.parse(self.fastpath)
+        except ValueError as exc:
+            raise KvmpyError(f"--fastpath: {exc}") from None
         if self.ap_start not in ("sipi", "entry"):
             raise KvmpyError(f"ap_start must be 'sipi' or 'entry', got {self.ap_start!r}")
 
@@ -191,10 +200,20 @@ class Machine:
                     fd_sregs.apic_base = apic.apic_base
                     fd.set_sregs(fd_sregs)
                     self.apic_bus.add(apic)
-                vcpu = Vcpu(self, i, fd, apic, fastpath=config.fastpath and apic is not None,
+                vcpu = Vcpu(self, i, fd, apic, fastpath=config.fastpath,
                             stats=ExitStats(config.record_time))
                 self.vcpus.append(vcpu)
+            # The native exit core (kvmpy/native): the vCPU loops, the fastpath, the kick.
+            self.fastpath = FastpathSetting.parse(config.fastpath)
+            self.core = _core.Core(config.cpus, self._host_cpus, config.halt_poll_ns,
+                                   self.fastpath.value if not self.kernel_irqchip
+                                   else FastpathSetting.OFF.value)
+            for vcpu in self.vcpus:
+                vcpu.attach_core(self.core)
+            self.apic_bus.core = self.core
             self._setup_interrupts()
+            # The RTC, the ACPI PM registers and tables, S3/S5 (None only in test doubles).
+            self.acpi: acpi_platform.Acpi | None = acpi_platform.install(self)
         except BaseException:
             self.close()
             raise
@@ -278,10 +297,12 @@ class Machine:
             self.pic.set_irq(0 if gsi == 2 else gsi, level)
 
     def _pic_output(self, level: bool) -> None:
-        """The 8259's INTR changed: a vCPU whose APIC takes it (LINT0 ExtINT) must look."""
-        if level:
-            for vcpu in self.vcpus:
-                if vcpu.apic is not None and vcpu.apic.accepts_pic_interrupts():
+        """The 8259's INTR changed: every APIC learns it (R_EXTINT for the native core),
+        and a vCPU whose APIC takes it (LINT0 ExtINT) must look."""
+        for vcpu in getattr(self, "vcpus", ()):
+            if vcpu.apic is not None:
+                vcpu.apic.set_extint_line(level)
+                if level and vcpu.apic.accepts_pic_interrupts():
                     vcpu.kick()
 
     def _arm_pit(self, deadline_ns: int) -> None:
@@ -325,11 +346,11 @@ class Machine:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            install_kick_handler()
-            if self.tracer is not None:
+        if self.tracer is not None:
+            if threading.current_thread() is threading.main_thread():
                 self.tracer.install_signal_probe(KICK_SIGNAL)
         self._started = True
+        _ = self.pinning  # decided before the vCPU threads add to the load
         self.timers.start()
         if self.pit_irq0 is not None:
             self.pit_irq0.reschedule()  # the PIT counts from reset (mode 3, 18.2 Hz)
@@ -340,16 +361,35 @@ class Machine:
             t.start()
 
     def host_cpu_for(self, vcpu: Vcpu) -> int | None:
-        """The host CPU vCPU thread `vcpu` is pinned to, or None (see pin_vcpus).
+        """The host CPU vCPU thread `vcpu` is pinned to, or None (see `pinning`)."""
+        return self.pinning[0][vcpu.index] if self.pinning[0] else None
+
+    @functools.cached_property
+    def pinning(self) -> tuple[list[int], str]:
+        """Where the vCPU threads go (`--pin-vcpus`), decided once at start, and why.
 
         Why pin: a vCPU that wakes another (an IPI to a halted target) would otherwise
         often have the target placed on its own core by the scheduler's wake-affine
-        logic, preempting the sender, which still holds the GIL: two context switches
-        per IPI. Measured here: vmexit_ipi 185 -> 100 us p50 with 2 vCPUs on 2 cores."""
-        pin = self.config.pin_vcpus
-        if pin == "off" or (pin == "auto" and len(self.vcpus) > self._host_cpus):
-            return None
-        return self._host_cpu_list[vcpu.index % self._host_cpus]
+        logic, preempting the sender: two context switches per IPI. Measured here:
+        vmexit_ipi 185 -> 100 us p50 with 2 vCPUs on 2 cores. But a pinned thread
+        cannot leave a core that other work keeps busy, so "auto" pins only when the
+        vCPUs fit on the host's CPUs beside the load already there (the 1-minute load
+        average, taken before the vCPUs run). Returns (host CPU per vCPU, or [] for
+        none; the reason, which `--stat` prints)."""
+        pin, n, cpus = self.config.pin_vcpus, len(self.vcpus), self._host_cpus
+        spread = [self._host_cpu_list[i % cpus] for i in range(n)]
+        if pin == "off":
+            return [], "not pinned (--pin-vcpus off)"
+        if pin == "on":
+            return spread, "pinned round-robin (--pin-vcpus on)"
+        if n > cpus:
+            return [], f"not pinned (auto: {n} vCPUs > {cpus} host CPUs)"
+        load = os.getloadavg()[0]
+        if n + load > cpus + 0.5:
+            return [], (f"not pinned (auto: {n} vCPUs + host load {load:.1f} do not fit "
+                        f"{cpus} host CPUs)")
+        return spread, (f"pinned to host CPUs {','.join(map(str, spread))} (auto: {n} vCPUs "
+                        f"+ host load {load:.1f} fit {cpus} host CPUs)")
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         try:
@@ -373,8 +413,10 @@ class Machine:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._done.wait(0.1):
             if self._hung():
-                self.stop(STATUS_HUNG, "every vCPU is halted and nothing can wake one: "
-                          "the guest hung")
+                self.stop(STATUS_HUNG, "the guest entered ACPI S3 with no wake-up source "
+                          "(PM1_EN.RTC_EN and the RTC's AIE)"
+                          if self.acpi is not None and self.acpi.sleep.asleep
+                          else "every vCPU is halted and nothing can wake one: the guest hung")
             if deadline is not None and time.monotonic() > deadline:
                 self.stop(STATUS_VMM_FAULT, f"timed out after {timeout} s")
         self._join()
@@ -396,8 +438,9 @@ class Machine:
             if self._result is None:
                 self._result = VmResult(status, message)
         self.stopping = True
-        for vcpu in self.vcpus:
-            vcpu.stop()
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.stop()  # every vCPU leaves the core: in the guest, polling or asleep
         if not self._started:
             self._done.set()
 
@@ -419,6 +462,13 @@ class Machine:
         if self._started and not self._done.is_set():
             self.stop(STATUS_OK, "closed")
             self.wait(5)
+        # Drop every reference to the core: it releases its views of the kvm_run pages
+        # (an exported mmap cannot close) and of the APIC memory.
+        self.core = None
+        if hasattr(self, "apic_bus"):
+            self.apic_bus.core = None
+        for vcpu in getattr(self, "vcpus", []):
+            vcpu.core = None
         for vcpu in getattr(self, "vcpus", []):
             vcpu.fd.close()
         if hasattr(self, "memory"):
@@ -470,6 +520,9 @@ class Machine:
         An INIT received meanwhile just resets the APIC and keeps waiting; a SIPI that
         came with it is checked in the same pass, so nothing pending is left behind
         when the vCPU goes back to sleep."""
+        if self.acpi is not None and self.acpi.sleep.take_resume(vcpu):  # waking from S3
+            vcpu.state = VcpuState.RUNNABLE
+            return
         apic = vcpu.apic
         apic.take_init()
         vector = apic.take_sipi()
@@ -489,10 +542,15 @@ class Machine:
             self._blocked_since = time.monotonic()
 
     def _hung(self) -> bool:
-        """Every vCPU blocked for a while, no timer armed, nothing pending anywhere."""
-        if self._blocked < len(self.vcpus) or self.stopping:
+        """Every vCPU asleep (in the core or in Python) for a while, no timer armed,
+        nothing pending anywhere."""
+        if self.core is None or self.core.busy() > 0 or self.stopping:
+            self._all_asleep_since = None
             return False
-        if time.monotonic() - self._blocked_since < HUNG_GRACE_S:
+        now = time.monotonic()
+        if getattr(self, "_all_asleep_since", None) is None:
+            self._all_asleep_since = now
+        if now - self._all_asleep_since < HUNG_GRACE_S:
             return False
         if self.ioapic is not None and self.ioapic.deferred:
             return False  # a storm-delayed level interrupt is on its way
@@ -500,17 +558,19 @@ class Machine:
         if self.pic is not None and self.pit_irq0 is not None and not self.pic.masked(0) \
                 and bsp.view.u8[kr.IF_FLAG] and bsp.apic.accepts_pic_interrupts():
             return False  # the PIT ticks through the 8259 to the BSP, which can take it
+        if self.acpi is not None and self.acpi.sleep.can_wake():
+            return False  # asleep in S3 with the RTC alarm armed to wake it
         for vcpu in self.vcpus:
             if vcpu.apic is None:
                 return False  # in-kernel irqchip: HLT never reaches kvmpy
             if vcpu._timer_deadline is not None or vcpu.apic.has_pending_events():
                 return False
-        return self._blocked == len(self.vcpus)
+        return self.core.busy() == 0
 
     def merged_stats(self) -> ExitStats:
         total = ExitStats()
         for vcpu in self.vcpus:
-            total.merge(vcpu.stats)
+            total.merge(vcpu.collect_stats())
         return total
 
 

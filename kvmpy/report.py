@@ -35,6 +35,9 @@ def print_exit_table(stats: ExitStats, file: TextIO | None = None) -> None:
     console.print(exit_table(stats))
     console.print(f"ICR writes: {stats.icr_fast} on the fastpath, {stats.icr_slow} on the "
                   f"slow path; delivery failures: {stats.delivery_failures}")
+    if stats.kick_time.count or stats.wake_time.count:
+        console.print(f"Kicks sent: {stats.kick_time.count} signals to vCPUs in the guest, "
+                      f"{stats.wake_time.count} wake-ups of halted vCPUs")
     halts = stats.halt_poll_success + stats.halt_slept
     if halts:
         console.print(f"Halts: {halts}, {stats.halt_poll_success} ended while polling "

@@ -26,7 +26,7 @@ _FIELD = re.compile(r"(\w+)=(\d+)")
 class StressResult:
     cpus: int
     mode: str
-    fastpath: bool
+    fastpath: bool | str
     ipis: int
     status: int
     message: str
@@ -46,7 +46,7 @@ class StressResult:
                 and self.lost == 0 and self.invented == 0)
 
 
-def run_stress(cpus: int, ipis: int, *, fastpath: bool = True, mode: str = "x2apic",
+def run_stress(cpus: int, ipis: int, *, fastpath: bool | str = True, mode: str = "x2apic",
                seed: int = 1, hlt: bool = False, timeout: float = 600) -> StressResult:
     """One run of the ipi_stress guest; parses what it printed."""
     out = io.BytesIO()
@@ -84,14 +84,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="ICR writes per run, split across the vCPUs (default 10^6)")
     p.add_argument("--mode", choices=("x2apic", "xapic"), default="x2apic")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--paths", choices=("both", "fast", "slow"), default="both")
+    p.add_argument("--paths", choices=("both", "all", "fast", "native", "python", "slow",
+                                       "off"), default="both",
+                   help="fastpath settings to run: both = native and off (fast = native, "
+                   "slow = off), all = native, python and off")
     p.add_argument("--timeout", type=float, default=7200)
     args = p.parse_args(argv)
 
     from rich.console import Console
     from rich.table import Table
 
-    paths = {"both": (True, False), "fast": (True,), "slow": (False,)}[args.paths]
+    paths = {"both": ("native", "off"), "all": ("native", "python", "off"),
+             "fast": ("native",), "native": ("native",), "python": ("python",),
+             "slow": ("off",), "off": ("off",)}[args.paths]
     table = Table(title=f"ipi_stress ({args.mode}, seed {args.seed})")
     for col in ("vCPUs", "path", "ICR writes", "delivered", "lost", "invented",
                 "ICR on fastpath", "ICR on slow path", "seconds", "result"):
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_stress(cpus, args.ipis, fastpath=fastpath, mode=args.mode,
                            seed=args.seed, timeout=args.timeout)
             all_ok &= r.ok
-            table.add_row(str(cpus), "fast" if fastpath else "slow", str(r.icr_writes),
+            table.add_row(str(cpus), fastpath, str(r.icr_writes),
                           str(r.deliveries), str(r.lost), str(r.invented), str(r.icr_fast),
                           str(r.icr_slow), f"{r.seconds:.1f}",
                           "ok" if r.ok else f"FAILED: {r.message}")

@@ -1,59 +1,51 @@
-"""The vCPU thread: run loop, event injection, halt, and the race-free kick.
+"""The vCPU thread: the Python half of the run loop, event injection, halt, the kick.
 
-The loop mirrors KVM's `vcpu_enter_guest` and the seed's design (DESIGN.md, "The exit
-path"):
+The loop itself runs in the native exit core (kvmpy/native/vcpu_loop.c) with the GIL
+released: inject the pending interrupt, KVM_RUN, read the exit, handle_exit_irqoff,
+halt polling and blocking, the kick. It comes back here only with what Python must
+do (DESIGN.md, "The native exit core"):
 
-    inject pending events
-    exit = self.run()                        # returns the exit; nothing else stores it
-    fp = handle_exit_irqoff(self, exit)      # fastpath: no VM lock, no stats, no dispatch
-    if fp is REENTER_GUEST and nothing requested: continue
+    inject pending events                    # NMI/INIT/SMI/timer/CR8: Python's share
+    exit, fp = self.run()                    # core: loops while the fastpath completes
+    if setting is python:                    # --fastpath python: the prototype's place
+        fp = handle_exit_irqoff(self, exit)
+        if fp is REENTER_GUEST: continue
     with vm.exit_lock:                       # the srcu_read_lock analogue
         handle_exit(self, exit, fp)          # full dispatch
 
-Kick protocol (Documentation/virt/kvm/vcpu-requests.rst, "Ensuring Requests Are Seen"):
-a sender first publishes the request (IRR bit, pending NMI/INIT/SIPI) and sets
-`self.request_event`, THEN reads `self.mode`; if the target is IN_GUEST it writes
-`immediate_exit = 1` into the target's kvm_run and sends it a signal; if the target is
-POLLING (halt polling, below) it does nothing more: the poller sees `request_event`;
-if the target is BLOCKED (halted, or an AP waiting for SIPI) it leaves a token on the
-target's `wake`. The target stores `mode = IN_GUEST` and THEN re-checks `request_event`
-before KVM_RUN; a halted target stores `mode = POLLING` or `BLOCKED` and THEN re-checks
-its pending events before it spins or sleeps. Python
-runs these loads and stores one at a time under the GIL (sequentially consistent), so
-of "sender reads mode" and "target re-checks the request" at least one sees the other's
-store: either the target sees the request and does not enter, or the sender sees
-IN_GUEST and kicks; immediate_exit covers a signal that lands before KVM_RUN starts.
-`tests/test_kick_model.py` enumerates every interleaving of the two to check this.
+`--fastpath native` (default) runs the C fastpath; `--fastpath python` hands every exit
+to Python's `handle_exit_irqoff` (kvmpy/exits.py, under the GIL); `--fastpath off`
+sends every exit to the dispatch. One kick protocol serves all three: it is the core's
+(kvmpy/native/kick.c), and Python calls it. A sender first publishes the request (IRR
+bit, pending NMI/INIT/SIPI), then calls `kick`, which sets the target's request and
+THEN reads its mode (seq_cst): IN_GUEST gets immediate_exit and a signal, BLOCKED a
+wake token and a futex wake, POLLING nothing. The target stores its mode THEN
+re-checks the request before KVM_RUN or sleep, so of the two at least one sees the
+other. `tests/test_kick_model.py` enumerates every interleaving of these steps.
 
-Halt polling (KVM's `kvm_vcpu_halt`, virt/kvm/kvm_main.c): a vCPU that halts first
-spins for up to `halt_poll_ns` (adaptive, grown and shrunk as KVM's
-`grow_halt_poll_ns` / `shrink_halt_poll_ns` do) watching `request_event`, releasing the
-GIL between looks, and only then sleeps. A wake-up inside the window costs the sender
-one attribute store instead of a futex wake and the target no scheduler round trip,
-which is why KVM's in-kernel halt is fast. As KVM polls only when nothing else wants
-the CPU (`single_task_running`), a vCPU polls only while no more vCPU threads are busy
-than the host has cores. It is off by default (`--halt-poll-ns 0`): in Python the
-poller re-takes the GIL between looks and starves the very sender it waits for (README,
-"Where a round trip goes").
+Halt polling (KVM's `kvm_vcpu_halt`) runs in the core without the GIL: a HLT with a
+wake-up already pending re-enters at once; else the vCPU polls for up to
+`halt_poll_ns` (adaptive, grown and shrunk as KVM's), then sleeps on its futex. It
+polls only while the vCPU threads not asleep fit on the host's cores. A HLT with IF=0
+and the wait for SIPI sleep here in Python, on the same futex.
 """
 
 from __future__ import annotations
 
 import enum
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from kvmpy import _core as nc
 from kvmpy.exits import Fastpath, handle_exit, handle_exit_irqoff
 from kvmpy.kvm import ioctls as k
 from kvmpy.kvm import run as kr
 from kvmpy.kvm.system import VcpuFd
-from kvmpy.trace import ExitStats
+from kvmpy.trace import ExitStats, Histogram, bucket_floor
 from kvmpy.tracing import recorder as tracing
-from kvmpy.wake import WakeToken
 
 if TYPE_CHECKING:
     from kvmpy.apic import LocalApic
@@ -61,10 +53,9 @@ if TYPE_CHECKING:
     from kvmpy.tracing.recorder import Ring
 
 KICK_SIGNAL = signal.SIGUSR1
-# KVM's halt-polling module parameters (virt/kvm/kvm_main.c), as on these hosts.
-# Off by default: polling in Python re-takes the GIL between looks and starves the
-# vCPU that is about to send the wake-up (README, "Where a round trip goes").
-HALT_POLL_NS_DEFAULT = 0
+# KVM's halt-polling module parameters (virt/kvm/kvm_main.c). The maximum window is
+# KVM's default (halt_poll_ns = 200 us); the core polls without the GIL.
+HALT_POLL_NS_DEFAULT = 200_000
 HALT_POLL_GROW = 2
 HALT_POLL_GROW_START_NS = 10_000
 HALT_POLL_SHRINK = 2
@@ -76,12 +67,34 @@ _this_thread = threading.local()
 
 
 class VcpuMode(enum.IntEnum):
-    """Where the vCPU thread is, as the kick protocol sees it (KVM's vcpu->mode)."""
+    """Where the vCPU thread is, as the kick protocol sees it (KVM's vcpu->mode; the
+    core's enum vcpu_mode)."""
 
-    OUTSIDE_GUEST = 0
-    IN_GUEST = 1
-    BLOCKED = 2  # sleeping on `wake` (halted, or waiting for SIPI)
-    POLLING = 3  # halt polling: watching `request_event`; a kick need only set it
+    OUTSIDE_GUEST = nc.OUTSIDE_GUEST
+    IN_GUEST = nc.IN_GUEST
+    BLOCKED = nc.BLOCKED  # sleeping on the futex (halted, or waiting for SIPI)
+    POLLING = nc.POLLING  # halt polling: watching its request; a kick need only set it
+
+
+class FastpathSetting(enum.IntEnum):
+    """Which fastpath runs (`--fastpath`): the core's enum fastpath_setting."""
+
+    OFF = nc.SETTING_OFF  # every exit to handle_exit (--no-fastpath)
+    PYTHON = nc.SETTING_PYTHON  # exits.handle_exit_irqoff, under the GIL
+    NATIVE = nc.SETTING_NATIVE  # the C fastpath, before the GIL
+
+    @classmethod
+    def parse(cls, value: bool | str) -> FastpathSetting:
+        """`True`/"native", "python", `False`/"off" (the CLI's and MachineConfig's)."""
+        if value is True:
+            return cls.NATIVE
+        if value is False:
+            return cls.OFF
+        try:
+            return cls[str(value).upper()]
+        except KeyError:
+            raise ValueError(
+                f"fastpath setting {value!r}: expected native, python or off") from None
 
 
 class VcpuState(enum.Enum):
@@ -126,17 +139,6 @@ def is_icr_write(exit: Exit) -> bool:
     return reason == k.KVM_EXIT_MMIO and bool(exit[3]) and exit[1] & 0xFFF == 0x300
 
 
-def _noop_kick_handler(signum: int, frame: object) -> None:
-    """A real handler (SIG_IGN would discard the signal): its only job is that a kicked
-    thread's KVM_RUN returns EINTR."""
-
-
-def install_kick_handler() -> None:
-    """Install the kick signal's handler (must run on the main thread, once)."""
-    if signal.getsignal(KICK_SIGNAL) is not _noop_kick_handler:
-        signal.signal(KICK_SIGNAL, _noop_kick_handler)
-
-
 class Vcpu:
     """One virtual CPU: its KVM fd, its local APIC, and the thread that runs it."""
 
@@ -147,7 +149,7 @@ class Vcpu:
         fd: VcpuFd,
         apic: LocalApic | None,
         *,
-        fastpath: bool,
+        fastpath: bool | str,
         stats: ExitStats,
     ) -> None:
         self.machine = machine
@@ -155,48 +157,84 @@ class Vcpu:
         self.fd = fd
         self.view = fd.view
         self.apic = apic
-        self.fastpath_enabled = fastpath
+        self.setting = FastpathSetting.parse(fastpath) if apic is not None \
+            else FastpathSetting.OFF
+        # Python's handle_exit_irqoff acts only with --fastpath python.
+        self.fastpath_enabled = self.setting is not FastpathSetting.OFF
         self.stats = stats
+        # The core's statistics for this vCPU (kvmpy/native/core.h S_*), filled by C.
+        self.native_stats = bytearray(nc.S_NWORDS * 8)
+        self._native = memoryview(self.native_stats).cast("Q")
+        self._native[nc.S_RECORD_TIME] = 1 if stats.record_time else 0
         self.state = VcpuState.RUNNABLE
-        self.mode = VcpuMode.OUTSIDE_GUEST
-        self.request_event = False  # KVM_REQ_EVENT: set by senders after publishing
-        self.wake = WakeToken()
-        # Kicks this vCPU's exit handling asked for, sent just before its next KVM_RUN
-        # (or before it sleeps): the vCPUs to wake and the vCPUs to signal.
-        self._posted_wakes: list[Vcpu] = []
-        self._posted_signals: list[Vcpu] = []
-        # Halt polling (KVM's vcpu->halt_poll_ns): the current window, adapted per halt
-        # within [0, machine.halt_poll_max_ns].
-        self.halt_poll_ns = 0
         self.thread: threading.Thread | None = None
         self.thread_ident = 0
-        self._cr8 = 0
-        self._timer_deadline: int | None = None
+        # A LocalApic-less vCPU (in-kernel irqchip) gets register memory of its own:
+        # mode 0 (disabled), so the core's fastpath never acts on it.
+        self._regs = apic.regs if apic is not None else bytearray(nc.REGS_BYTES)
+        self._regs_u32 = memoryview(self._regs).cast("I")
+        self._regs_u64 = memoryview(self._regs).cast("Q")
         self.halt_hook: Callable[[Vcpu], None] | None = None
         # This vCPU's trace ring (kvmpy.tracing), or None: each hook is one branch.
         self.tracer: Ring | None = None
 
+    def attach_core(self, core: nc.Core) -> None:
+        """Give the core this vCPU's fd, kvm_run and APIC memory (Machine, once)."""
+        self.core = core
+        apic = self.apic
+        if apic is not None:
+            irr, isr, tmr = apic.irr, apic.isr, apic.tmr
+        else:
+            irr = isr = tmr = bytearray(256)
+        core.attach(self.index, self.fd.fd, self.fd.mapping, irr, isr, tmr, self._regs,
+                    self.native_stats)
+
+    # ---------------------------------------------------------------- shared state
+
+    @property
+    def mode(self) -> VcpuMode:
+        """The kick protocol's mode, as the core holds it."""
+        return VcpuMode(self.core.mode(self.index))
+
+    @property
+    def halt_poll_ns(self) -> int:
+        """The adaptive halt-polling window (KVM's vcpu->halt_poll_ns), the core's."""
+        return self.core.halt_poll_ns(self.index)
+
+    @halt_poll_ns.setter
+    def halt_poll_ns(self, value: int) -> None:
+        self.core.halt_poll_ns(self.index, value)
+
+    @property
+    def _cr8(self) -> int:
+        """kvm_run.cr8 as last synced with TPR (shared with the core)."""
+        return self._regs_u32[nc.R_CR8]
+
+    @_cr8.setter
+    def _cr8(self, value: int) -> None:
+        self._regs_u32[nc.R_CR8] = value
+
+    @property
+    def _timer_deadline(self) -> int | None:
+        """The APIC timer's next expiry (time.monotonic_ns), shared with the core, which
+        wakes a halted vCPU for it."""
+        return self._regs_u64[nc.Q_TIMER_DEADLINE] or None
+
+    @_timer_deadline.setter
+    def _timer_deadline(self, value: int | None) -> None:
+        self._regs_u64[nc.Q_TIMER_DEADLINE] = value or 0
+
     # ---------------------------------------------------------------- the run loop
 
-    def run(self) -> Exit:
-        """KVM_RUN, then read the exit once from kvm_run and return it."""
-        u32 = self.view.u32
-        ret = self.fd.run()
-        self.mode = VcpuMode.OUTSIDE_GUEST
-        if ret < 0:
-            self.view.u8[kr.IMMEDIATE_EXIT] = 0  # a kick: EINTR is an ordinary exit
-            return _EXIT_INTR
-        reason = u32[kr.EXIT_REASON]
-        if reason == k.KVM_EXIT_X86_WRMSR or reason == k.KVM_EXIT_X86_RDMSR:
-            return Exit((reason, u32[kr.MSR_INDEX], self.view.u64[kr.MSR_DATA],
-                         u32[kr.MSR_REASON]))
-        if reason == k.KVM_EXIT_MMIO:
-            return Exit((reason, self.view.u64[kr.MMIO_PHYS_ADDR], u32[kr.MMIO_LEN],
-                         self.view.u8[kr.MMIO_IS_WRITE]))
-        if reason == k.KVM_EXIT_IO:
-            return Exit((reason, self.view.u16[kr.IO_PORT], self.view.u8[kr.IO_SIZE],
-                         self.view.u8[kr.IO_DIRECTION]))
-        return Exit((reason, 0, 0, 0))
+    def run(self) -> tuple[Exit, Fastpath, int] | None:
+        """The core's vcpu_enter_guest: KVM_RUN and the fastpath, looped without the
+        GIL. Returns the exit it did not complete, with the fastpath's verdict and
+        the time KVM_RUN returned, or None when only the loop top has work (events
+        only Python injects, or a stop)."""
+        ret, reason, a, b, c, fp, t_exit = self.core.run(self.index)
+        if ret != nc.RET_EXIT:
+            return None
+        return Exit((reason, a, b, c)), _FASTPATH[fp], t_exit
 
     def run_loop(self) -> None:
         """The vCPU thread's body; returns when the VM stops."""
@@ -205,46 +243,37 @@ class Vcpu:
         machine = self.machine
         stats = self.stats
         record_time = stats.record_time
-        clock = time.perf_counter_ns
+        clock = time.perf_counter_ns  # CLOCK_MONOTONIC, the core's clock
         exit_lock = machine.exit_lock
         tr = self.tracer
-        u8 = self.view.u8
+        python_fastpath = self.setting is FastpathSetting.PYTHON
         try:
             while not machine.stopping:
                 if self.state is not VcpuState.RUNNABLE:
                     self._block_until_runnable()
                     continue
-                # A kick that came while this vCPU was out of KVM_RUN (it exited on its
-                # own, e.g. HLT): the request it carried is picked up below, and a set
-                # immediate_exit would only cost an empty KVM_RUN round trip.
-                u8[kr.IMMEDIATE_EXIT] = 0
-                self.request_event = False
                 self._inject_pending_events()
-                # Publish IN_GUEST, then re-check requests (see the module docstring).
-                self.mode = VcpuMode.IN_GUEST
-                if self.request_event or machine.stopping or self.state is not VcpuState.RUNNABLE:
-                    self.mode = VcpuMode.OUTSIDE_GUEST
+                if self.state is not VcpuState.RUNNABLE:
+                    continue  # an INIT was taken: wait for SIPI, not KVM_RUN
+                got = self.run()  # the core records each KVM_RUN in this vCPU's native ring
+                if got is None:
                     continue
-                if self._posted_wakes or self._posted_signals:
-                    self.send_posted_kicks()
-                t_enter = tracing.now_ns() if tr is not None else 0
-                exit = self.run()
-                if tr is not None:
-                    tr.ran(t_enter, exit)
-                t0 = clock() if record_time else 0
-                fp = handle_exit_irqoff(self, exit)
+                exit, fp, t0 = got
                 reason = exit[0]
-                stats.count[reason] += 1
-                if fp is Fastpath.REENTER_GUEST:
-                    if tr is not None:
-                        tr.rec(tracing.DONE, reason, 1)
-                    stats.fast[reason] += 1
-                    if record_time:
-                        dt = clock() - t0
-                        stats.fast_time[reason].add(dt)
-                        if is_icr_write(exit):
-                            stats.icr_fast_time.add(dt)
-                    continue
+                if python_fastpath:
+                    fp = handle_exit_irqoff(self, exit)
+                    if fp is Fastpath.REENTER_GUEST:
+                        if tr is not None:
+                            tr.rec(tracing.DONE, reason, 1)
+                        stats.fast[reason] += 1
+                        if record_time:
+                            dt = clock() - t0
+                            stats.fast_time[reason].add(dt)
+                            if is_icr_write(exit):
+                                stats.icr_fast_time.add(dt)
+                        continue
+                elif fp is Fastpath.EXIT_HANDLED and reason == k.KVM_EXIT_HLT:
+                    self.halt()  # the core's HLT fastpath: a HLT with IF=0 halts here
                 with exit_lock:
                     handle_exit(self, exit, fp)
                 if tr is not None:
@@ -256,15 +285,27 @@ class Vcpu:
                         stats.icr_slow_time.add(dt)
         finally:
             _this_thread.vcpu = None  # the thread may run other code later (tests)
+            if tr is not None and tr.native is not None:
+                tr.native_count = self.core.trace_count(self.index)
+
+    def collect_stats(self) -> ExitStats:
+        """This vCPU's statistics: Python's, plus what the core counted."""
+        total = ExitStats(self.stats.record_time)
+        total.merge(self.stats)
+        add_native_stats(total, self._native)
+        return total
 
     # ---------------------------------------------------------------- events
 
     def _inject_pending_events(self) -> None:
         """Inject what the local APIC has pending (KVM's inject_pending_event), or ask
-        KVM for an interrupt window when the guest cannot take it yet."""
+        KVM for an interrupt window when the guest cannot take it yet. The core does the
+        same for IRR vectors at each entry; NMI, INIT, SMI, the timer's expiry and a CR8
+        with reserved bits are only done here."""
         apic = self.apic
         if apic is None:
             return
+        apic.clear_slow_events()
         u8 = self.view.u8
         cr8 = self.view.u64[kr.CR8]
         if cr8 != self._cr8:  # the guest wrote CR8 (64-bit mode): TPR follows
@@ -277,6 +318,7 @@ class Vcpu:
         if apic.init_pending and apic.take_init():
             self.machine.on_init(self)
             self.sync_cr8()
+            apic.slow_events_left()
             return
         if apic.take_nmi():
             if self.tracer is not None:
@@ -284,6 +326,7 @@ class Vcpu:
             self.fd.nmi()
         if apic.smi_pending and apic.take_smi():
             self.stats.smi_dropped += 1  # no SMM is modelled: an SMI is counted and dropped
+        apic.slow_events_left()
         vector = apic.pending_vector()
         extint = self.extint_pending()
         if vector is None and not extint:
@@ -367,15 +410,13 @@ class Vcpu:
         that outlasted it, shrunk after a halt longer than the maximum."""
         machine = self.machine
         tr = self.tracer
-        if self._posted_wakes or self._posted_signals:
-            self.send_posted_kicks()
         if tr is not None:
             tr.rec(tracing.BLOCK, 2 if self.state is VcpuState.WAIT_FOR_SIPI else 1, 0)
-        self.wake.clear()
         poll_ns = self.halt_poll_ns
         halted = self.state is VcpuState.HALTED
         start = time.monotonic_ns() if halted else 0
-        if halted and poll_ns and machine.may_poll() and self._poll_halt(start + poll_ns):
+        if halted and poll_ns and self.core.may_poll(self.index) \
+                and self._poll_halt(start + poll_ns):
             self.stats.halt_poll_success += 1
             if tr is not None:
                 tr.rec(tracing.UNBLOCK, 1, 0)
@@ -387,36 +428,33 @@ class Vcpu:
             self._adapt_halt_poll(time.monotonic_ns() - start)
 
     def _poll_halt(self, end_ns: int) -> bool:
-        """Spin until a wake-up event or `end_ns` (time.monotonic_ns), releasing the GIL
-        between looks at `request_event`. True if the vCPU became runnable.
+        """Poll until a wake-up event or `end_ns` (time.monotonic_ns), the spinning done
+        by the core without the GIL. True if the vCPU became runnable.
 
-        Order (the kick protocol): publish POLLING, clear the request, re-check pending
-        events, then watch the request; a sender publishes, sets the request, then reads
-        the mode and, seeing POLLING, does nothing more."""
-        machine = self.machine
-        clock = time.monotonic_ns
-        yield_cpu = os.sched_yield
+        Order (the kick protocol): publish POLLING and clear the request (poll_begin),
+        re-check pending events, then watch the request; a sender publishes, sets the
+        request, then reads the mode and, seeing POLLING, does nothing more."""
+        core, i = self.core, self.index
         deadline = self._timer_deadline
         if deadline is not None and deadline < end_ns:
             end_ns = deadline  # the timer is the sleeper's business
-        self.mode = VcpuMode.POLLING
+        core.send_posted_kicks(i)
+        core.poll_begin(i)
         try:
-            while not machine.stopping:
-                self.request_event = False
+            while not self.machine.stopping:
                 if self._wakeup_pending():
                     self.state = VcpuState.RUNNABLE
                     return True
-                while not self.request_event:
-                    if clock() >= end_ns or machine.stopping:
-                        return False
-                    yield_cpu()
+                if not core.poll(i, end_ns):  # clears the request it saw
+                    return False
             return False
         finally:
-            self.mode = VcpuMode.OUTSIDE_GUEST
+            core.poll_end(i)
 
     def _adapt_halt_poll(self, halt_ns: int) -> None:
         """KVM's grow_halt_poll_ns / shrink_halt_poll_ns (module parameters grow 2,
-        grow_start 10 us, shrink 2), after a halt that ended by sleeping."""
+        grow_start 10 us, shrink 2), after a halt that ended by sleeping (the core's
+        adapt_halt_poll, for the halts Python sleeps)."""
         poll_ns = self.halt_poll_ns
         max_ns = self.machine.halt_poll_max_ns
         if poll_ns and halt_ns > max_ns:
@@ -427,13 +465,21 @@ class Vcpu:
                                     max_ns)
 
     def _sleep_until_runnable(self) -> None:
-        """Sleep on `wake` until an event makes the vCPU runnable or the VM stops."""
+        """Sleep on the core's futex until an event makes the vCPU runnable or the VM
+        stops: publish BLOCKED (sleep_begin), then per pass drop a stale token,
+        re-check, and wait."""
         machine = self.machine
+        core, i = self.core, self.index
         tr = self.tracer
-        self.mode = VcpuMode.BLOCKED
+        core.sleep_begin(i)  # sends this vCPU's posted kicks first
         machine.note_blocked(self, True)
         try:
-            while not machine.stopping:
+            while True:
+                # Drop a stale token, THEN look at the stop and the events: a stop (or
+                # kick) whose token this clear dropped has already published its cause.
+                core.wake_clear(i)
+                if machine.stopping:
+                    return
                 if self.state is VcpuState.WAIT_FOR_SIPI:
                     machine.poll_sipi(self)
                     if self.state is VcpuState.RUNNABLE:
@@ -442,16 +488,15 @@ class Vcpu:
                     if self.state is VcpuState.HALTED:
                         self.state = VcpuState.RUNNABLE
                     return
-                timeout = None
+                timeout = -1
                 if self._timer_deadline is not None:
-                    timeout = max(0.0, (self._timer_deadline - time.monotonic_ns()) / 1e9)
-                woken = self.wake.wait(timeout)
+                    timeout = max(0, self._timer_deadline - time.monotonic_ns())
+                woken = core.wait(i, timeout)
                 if tr is not None:
                     tr.rec(tracing.WOKE, woken, 0)
-                self.wake.clear()
         finally:
             machine.note_blocked(self, False)
-            self.mode = VcpuMode.OUTSIDE_GUEST
+            core.sleep_end(i)
             if tr is not None:
                 tr.rec(tracing.UNBLOCK, 2 if self.state is VcpuState.WAIT_FOR_SIPI else 1, 0)
 
@@ -477,75 +522,54 @@ class Vcpu:
     # ---------------------------------------------------------------- the kick
 
     def kick(self) -> None:
-        """Make this vCPU see a request that the caller has ALREADY published.
-
-        Hot path: no allocation, no logging, no lock. See the module docstring for why
-        the order "publish, set request_event, read mode" cannot lose a request. On a
-        vCPU thread the signal or wake-up itself is posted to that vCPU and sent at its
-        next entry (`send_posted_kicks`): the woken thread needs the GIL at once, and
-        the kicker holds it until it enters KVM_RUN, so a kick sent mid-exit makes the
-        two collide on it (the target sleeps again on the GIL, a second wake-up).
-        """
-        self.request_event = True
-        mode = self.mode
+        """Make this vCPU see a request that the caller has ALREADY published: the
+        core's kvm_vcpu_kick (kvmpy/native/kick.c). On a vCPU thread the signal or
+        wake-up is posted to that vCPU and sent at its next entry or sleep: the woken
+        thread would otherwise run into a kicker that is still busy with its exit."""
+        poster = getattr(_this_thread, "vcpu", None)
         if self.tracer is not None:
-            self.tracer.kicked(mode)
-        if mode == VcpuMode.IN_GUEST:
-            self.view.u8[kr.IMMEDIATE_EXIT] = 1
-            if self.thread_ident != threading.get_ident():
-                poster = getattr(_this_thread, "vcpu", None)
-                if poster is not None:
-                    poster._posted_signals.append(self)
-                else:
-                    self.signal_kick()
-        elif mode == VcpuMode.BLOCKED:
-            poster = getattr(_this_thread, "vcpu", None)
-            if poster is not None:
-                poster._posted_wakes.append(self)
-            else:
-                self.wake.set()
+            self.tracer.kicked(self.core.mode(self.index))
+        self.core.kick(self.index, poster.index if poster is not None else -1)
 
     def send_posted_kicks(self) -> None:
-        """Send the kicks posted by this vCPU's exit handling (its thread, before KVM_RUN
-        or before it sleeps). A posted kick is late by the rest of the exit, never lost:
-        the request it carries was published before it was posted."""
-        wakes = self._posted_wakes
-        for target in wakes:
-            target.wake_up()
-        wakes.clear()
-        signals = self._posted_signals
-        for target in signals:
-            # Gone out of KVM_RUN since the kick (on an exit of its own)? Then its loop
-            # top sees the request, and the signal would only cost it an empty exit.
-            if target.mode == VcpuMode.IN_GUEST:
-                target.signal_kick()
-        signals.clear()
+        """Send the kicks posted by this vCPU's exit handling (its own thread)."""
+        self.core.send_posted_kicks(self.index)
 
     def wake_up(self) -> None:
         """Leave this blocked vCPU its wake token (the futex wake of its sleep)."""
-        stats = self.stats
-        t0 = time.perf_counter_ns() if stats.record_time else 0
-        self.wake.set()
-        if t0:
-            stats.wake_time.add(time.perf_counter_ns() - t0)  # as kick_time, below
+        self.core.wake(self.index)
 
-    def signal_kick(self) -> None:
-        """pthread_kill this vCPU's thread out of KVM_RUN (immediate_exit already set)."""
-        stats = self.stats
-        t0 = time.perf_counter_ns() if stats.record_time else 0
-        signal.pthread_kill(self.thread_ident, KICK_SIGNAL)
-        if t0:
-            # The sender's cost of a signal kick, kept on the target (a statistic: two
-            # senders adding at once may rarely lose one sample).
-            stats.kick_time.add(time.perf_counter_ns() - t0)
 
-    def stop(self) -> None:
-        """Kick for a VM stop: the loop checks `machine.stopping` before every entry."""
-        self.request_event = True
-        self.view.u8[kr.IMMEDIATE_EXIT] = 1
-        self.wake.set()
-        if self.mode == VcpuMode.IN_GUEST and self.thread_ident:
-            try:
-                signal.pthread_kill(self.thread_ident, KICK_SIGNAL)
-            except (ProcessLookupError, OSError):
-                pass
+_FASTPATH = (Fastpath.NONE, Fastpath.REENTER_GUEST, Fastpath.EXIT_HANDLED)
+
+
+def add_native_stats(stats: ExitStats, native: memoryview) -> None:
+    """Add the core's counters and histograms (kvmpy/native/core.h S_*) to `stats`."""
+    nb = nc.NBUCKETS
+    for reason in range(nc.MAX_REASON):
+        stats.count[reason] += native[nc.S_COUNT + reason]
+        fast = native[nc.S_FAST + reason]
+        if fast:
+            stats.fast[reason] += fast
+            _add_hist(stats.fast_time[reason], native, nc.S_HIST + reason * nb,
+                      native[nc.S_FAST_TOTAL + reason])
+    stats.icr_fast += native[nc.S_ICR_FAST]
+    _add_hist(stats.icr_fast_time, native, nc.S_ICR_HIST, 0)
+    _add_hist(stats.kick_time, native, nc.S_KICK_HIST, 0)
+    _add_hist(stats.wake_time, native, nc.S_WAKE_HIST, 0)
+    stats.halt_poll_success += native[nc.S_HALT_POLL_OK]
+    stats.halt_slept += native[nc.S_HALT_SLEPT]
+
+
+def _add_hist(hist: Histogram, native: memoryview, at: int, total: int) -> None:
+    buckets = native[at : at + nc.NBUCKETS].tolist()
+    n = sum(buckets)
+    if not n:
+        return
+    for i, count in enumerate(buckets):
+        if count:
+            hist.buckets[i] += count
+    hist.count += n
+    # The core sums the time per reason; elsewhere the buckets' middles stand in.
+    hist.total += total or sum(
+        c * ((bucket_floor(i) + bucket_floor(i + 1)) // 2) for i, c in enumerate(buckets) if c)

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # linux-perf: `kvmpy bench ipi --breakdown` records the scheduler's and KVM's tracepoints.
-debs=(gcc binutils libc6-dev linux-libc-dev make linux-perf)
+# acpica-tools: the tests read kvmpy's ACPI tables back with iasl and acpiexec.
+debs=(gcc binutils libc6-dev linux-libc-dev make linux-perf acpica-tools)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -35,3 +35,33 @@ def require_kvm() -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if "kvm" in item.keywords:
         require_kvm()
+
+
+def snapshot_repo(dst):
+    """This checkout's working tree as it is (tracked and untracked files, not ignored
+    ones) committed as branch `main` of a new git repository at `dst`: what `kvmpy bench
+    ab` and the tutorial's commands run in, so that their temporary worktrees never touch
+    this checkout's repository. Returns `dst` (a pathlib.Path)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    dst = Path(dst)
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        src = root / name
+        if src.is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(dst), *args], check=True, capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    git("config", "user.email", "test@example.com")
+    git("config", "user.name", "test")
+    git("add", "-A")
+    git("commit", "-q", "-m", "snapshot of the tree under test")
+    return dst

@@ -44,14 +44,19 @@ class FakeGuest:
         return RunOutcome(values, True, "", 2_000_000_000)
 
 
+# The three configurations these tests alternate (CONFIGS adds kvmpy-python).
+THREE = ["kvmpy-fast", "kvmpy-slow", "kernel"]
+
+
 def comparison(configs: list[str] | None = None, runs: int = 12) -> Comparison:
-    return Comparison("ipi", "fake guest", "fake", configs or list(CONFIGS), runs, 2000, 1)
+    return Comparison("ipi", "fake guest", "fake", configs or THREE, runs, 2000, 1)
 
 
 def test_rotated_rounds() -> None:
-    assert rotated(CONFIGS, 0) == list(CONFIGS)
-    assert rotated(CONFIGS, 1) == ["kvmpy-slow", "kernel", "kvmpy-fast"]
-    assert rotated(CONFIGS, 5) == ["kernel", "kvmpy-fast", "kvmpy-slow"]
+    assert rotated(THREE, 0) == THREE
+    assert rotated(THREE, 1) == ["kvmpy-slow", "kernel", "kvmpy-fast"]
+    assert rotated(THREE, 5) == ["kernel", "kvmpy-fast", "kvmpy-slow"]
+    assert rotated(CONFIGS, 1) == ["kvmpy-python", "kvmpy-slow", "kernel", "kvmpy-fast"]
 
 
 def test_runs_alternate_and_each_run_gives_one_median_per_test_and_config() -> None:
@@ -64,7 +69,7 @@ def test_runs_alternate_and_each_run_gives_one_median_per_test_and_config() -> N
     assert steps[0] == "run 1/4 kvmpy-fast" and len(steps) == 12
     assert list(c.tests) == ["vmexit_ipi", "same"]  # whatever the guest reports, its order
     for test in c.tests.values():
-        assert all(len(test.run_medians[cfg]) == 4 for cfg in CONFIGS)
+        assert all(len(test.run_medians[cfg]) == 4 for cfg in THREE)
     assert c.tsc_hz == 2_000_000_000 and c.us(2000) == 1.0
 
 
@@ -76,9 +81,9 @@ def test_known_differences_get_the_right_verdicts() -> None:
     fs, fk = t.ratios
     assert (fs.label, fs.a, fs.b) == ("fast/slow", "kvmpy-fast", "kvmpy-slow")
     assert fs.ci and fs.ci.low <= 0.8 <= fs.ci.high and fs.ci.high < 1
-    assert fs.verdict.startswith("fastpath faster by ")
+    assert fs.verdict.startswith("native fastpath faster by ")
     assert fk.ci and fk.ci.low <= 2.0 <= fk.ci.high
-    assert fk.verdict.startswith("kvmpy fastpath slower by ")
+    assert fk.verdict.startswith("kvmpy native fastpath slower by ")
     same = c.tests["same"].ratios
     assert all(r.verdict.startswith("no significant difference") for r in same)
     assert "not reliable" not in fs.verdict

@@ -36,7 +36,9 @@ def test_three_way_run_has_every_test_for_every_config(tmp_path: Path) -> None:
     # kvmpy's own handling times come from the same runs: the fastpath config handled
     # every ICR write on the fastpath and the slow one on the slow path.
     assert result.handling["kvmpy-fast"]["icr_fast"]["n"] > 0
-    assert result.handling["kvmpy-fast"]["icr_slow"]["n"] == 0
+    # The native fastpath hands INIT and SIPI (SMP bring-up: one INIT, two SIPIs) to
+    # Python; every fixed IPI stays on it.
+    assert result.handling["kvmpy-fast"]["icr_slow"]["n"] <= 3
     assert result.handling["kvmpy-slow"]["icr_fast"]["n"] == 0
     assert result.handling["kvmpy-slow"]["icr_slow"]["n"] > 0
     data = json.loads(json.dumps(result.to_json()))

@@ -77,8 +77,8 @@ def test_comparison_and_report_from_recorded_outputs() -> None:
     assert ipi.summaries["kvmpy-fast"].spread == pytest.approx(1.04 / 0.97, rel=1e-4)
     fs, fk = ipi.ratios
     assert fs.ci and fs.ci.ratio == pytest.approx(0.8, rel=1e-4)
-    assert fs.verdict.startswith("fastpath faster by 20.0%, 95% CI [")
-    assert fk.verdict.startswith("kvmpy fastpath slower by 152.6%, 95% CI [")
+    assert fs.verdict.startswith("native fastpath faster by 20.0%, 95% CI [")
+    assert fk.verdict.startswith("kvmpy native fastpath slower by 152.6%, 95% CI [")
     out = io.StringIO()
     print_comparison(c, file=out)
     assert "fastpath faster by 20.0%" in out.getvalue()

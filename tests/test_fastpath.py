@@ -530,37 +530,48 @@ def _vcpu_attribute_names() -> set[str]:
 
 def test_vcpu_keeps_no_exit_reason():
     names = _vcpu_attribute_names()
-    assert "mode" in names and "request_event" in names  # the scan does see attributes
+    assert "mode" in names and "setting" in names  # the scan does see attributes
     suspicious = {n for n in names if "exit" in n.lower() or "reason" in n.lower()}
     assert suspicious == set()
 
 
-class _FakeFd:
-    def __init__(self) -> None:
-        self.mapping = mmap.mmap(-1, 4096)
-        self.view = RunView(self.mapping)
+def test_the_native_vcpu_keeps_no_exit_reason():
+    """The core's struct vcpu has no exit field: run() fills a `struct exit` on the
+    caller's stack (kvmpy/native/core.h)."""
+    import re
+    from pathlib import Path
 
-    def run(self) -> int:
-        return 0
+    header = (Path(vcpu_module.__file__).parent / "native" / "core.h").read_text()
+    body = re.search(r"struct vcpu \{(.*?)\n\};", header, re.S)
+    assert body is not None and "int index;" in body.group(1)
+    fields = re.findall(r"\b(\w+)(?:\[\w+\])?;", body.group(1))
+    assert "mode" in fields and "request" in fields
+    assert [f for f in fields if "exit" in f or "reason" in f] == []
+
+
+class _FakeCore:
+    """The core's run(): one exit, as vcpu_enter_guest hands it back."""
+
+    def __init__(self, result: tuple) -> None:
+        self.result = result
+
+    def run(self, index: int) -> tuple:
+        return self.result
 
 
 def test_vcpu_run_returns_the_exit_and_stores_nothing():
-    fd = _FakeFd()
     system = make_system(1, x2apic=True)
+    fd = type("Fd", (), {"view": None, "fd": -1})()
     vcpu = Vcpu(FakeMachine(), 0, fd, system[0], fastpath=True,  # type: ignore[arg-type]
                 stats=ExitStats(False))
-    fd.view.u32[kr.EXIT_REASON] = k.KVM_EXIT_X86_WRMSR
-    fd.view.u32[kr.MSR_INDEX] = MSR_X2APIC_ICR
-    fd.view.u64[kr.MSR_DATA] = icr(dest=0)
+    vcpu.core = _FakeCore((0, k.KVM_EXIT_X86_WRMSR, MSR_X2APIC_ICR, icr(dest=0), 0, 0, 123))
     before = dict(vars(vcpu))
-    vcpu.mode = vcpu_module.VcpuMode.IN_GUEST
-    exit = vcpu.run()
+    exit, fp, t_exit = vcpu.run()
     assert exit == (k.KVM_EXIT_X86_WRMSR, MSR_X2APIC_ICR, icr(dest=0), 0)
-    assert isinstance(exit, tuple)
-    after = dict(vars(vcpu))
-    assert after.pop("mode") is vcpu_module.VcpuMode.OUTSIDE_GUEST
-    before.pop("mode")
-    assert after == before, "run() stored something on the vCPU"
+    assert isinstance(exit, tuple) and fp is Fastpath.NONE and t_exit == 123
+    assert dict(vars(vcpu)) == before, "run() stored something on the vCPU"
+    vcpu.core = _FakeCore((1, 0, 0, 0, 0, 0, 0))  # RET_EVENTS: nothing for Python's dispatch
+    assert vcpu.run() is None
 
 
 # ---------------------------------------------------------------- EOI and HLT fastpaths

@@ -143,3 +143,17 @@ def test_realmode_lam_rdpru_pass_and_asyncpf_skips(kvmpy_qemu: Path, tmp_path: P
     results, _ = run_tests(kvmpy_qemu, tmp_path, "realmode", "lam", "rdpru", "asyncpf")
     assert {t: v for t, (v, _) in results.items()} == {
         "realmode": "PASS", "lam": "PASS", "rdpru": "PASS", "asyncpf": "SKIP"}, results
+
+
+def test_s3_and_the_pm_timer_through_the_runner(kvmpy_qemu: Path, tmp_path: Path) -> None:
+    """s3.flat finds the FACS and FADT, sleeps through PM1a_CNT and is woken by the RTC
+    alarm into its real-mode waking vector (which exits 0: PASS); vmexit's
+    inl_from_pmtimer reads the PM timer port the FADT gives (QEMU's 0x608), not the
+    0xcccccccc a missing FADT left it."""
+    results, logs = run_tests(kvmpy_qemu, tmp_path, "s3", "vmexit_inl_pmtimer")
+    assert {t: v for t, (v, _) in results.items()} == {"s3": "PASS",
+                                                        "vmexit_inl_pmtimer": "PASS"}
+    s3 = (logs / "s3.log").read_text(errors="replace")
+    assert "FACS is at 0xf0040" in s3 and "PM1a event registers at 600" in s3
+    pmtimer = (logs / "vmexit_inl_pmtimer.log").read_text(errors="replace")
+    assert "PM timer port is 608" in pmtimer

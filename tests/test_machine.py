@@ -74,3 +74,21 @@ def test_exit_reason_lives_only_on_the_exit_path() -> None:
         vcpu = m.vcpus[0]
         names = set(vars(vcpu)) | set(dir(Vcpu))
         assert not [n for n in names if "exit_reason" in n or n in ("exit", "last_exit")]
+
+
+@pytest.mark.parametrize(("pin", "load", "pinned"), [
+    ("auto", 0.0, True),   # 2 vCPUs fit 2 host CPUs on a quiet host
+    ("auto", 1.5, False),  # the same on a busy host: a pinned thread could not escape
+    ("on", 9.0, True),
+    ("off", 0.0, False),
+])
+def test_auto_pinning_follows_the_host_load(monkeypatch, pin: str, load: float,
+                                            pinned: bool) -> None:
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with Machine(MachineConfig(cpus=2, serial=io.BytesIO(), pin_vcpus=pin)) as m:
+        cpus, why = m.pinning
+        assert (cpus == [0, 1]) is pinned and (cpus == []) is not pinned
+        assert ("not pinned" in why) is not pinned and (pin in why or "auto" in why)
+        if pin == "auto" and not pinned:
+            assert "load 1.5" in why

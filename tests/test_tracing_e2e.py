@@ -132,7 +132,8 @@ def test_small_ring_wraps_and_the_trace_still_validates(tmp_path: Path) -> None:
     for e in trace["traceEvents"]:
         if e["ph"] == "X" and e["tid"] in (1, 2):
             per_tid[e["tid"]] += 1
-    assert 0 < max(per_tid.values()) <= 2 * 64  # a RUN record is two slices
+    # a RUN record is two slices; a vCPU has a Python ring and a native one of 64 each
+    assert 0 < max(per_tid.values()) <= 2 * 2 * 64
     # What the window holds is joined; what fell out of it is not counted as lost.
     assert other["interrupts"] <= sum(counts.values())
     assert other["never_injected"] == 0
@@ -177,13 +178,16 @@ def test_long_run_rings_stay_bounded_and_memory_does_not_grow() -> None:
     short, _, held_short = _traced_floor_run(4_000, 256)
     tracer, slots, held = _traced_floor_run(20_000, 256)
     ring = tracer.vcpu_rings[0]
-    assert ring.count >= 2 * 20_000 and ring.dropped == ring.count - 256  # RUN + DONE
+    # RUN + DONE per exit, written by the native core into its own bounded ring
+    assert ring.native_count >= 2 * 20_000
+    assert ring.dropped == ring.native_count - 256 + max(0, ring.count - 256)
     assert tracer.slots == slots == short.slots
     assert abs(held - held_short) < 2048 and held < 64 * 1024, (held_short, held)
     trace = export.build(tracer, title="floor")
     assert schema.validate(trace) == []
     slices = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["tid"] == 1]
-    assert 256 <= len(slices) <= 2 * 256  # guest + exit from a RUN, loop top from DONE
+    # guest + exit from a RUN, loop top from DONE; the Python ring adds a few
+    assert 256 <= len(slices) <= 2 * 2 * 256
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -1,5 +1,7 @@
-"""The halted vCPU: the wake token, halt polling and its adaptive window (KVM's
-kvm_vcpu_halt / grow_halt_poll_ns / shrink_halt_poll_ns), with a fake machine."""
+"""The halted vCPU as Python sleeps it (HLT with --fastpath python/off, or IF=0): the
+core's futex token, halt polling and its adaptive window (KVM's kvm_vcpu_halt /
+grow_halt_poll_ns / shrink_halt_poll_ns), with a fake machine and model-only vCPUs
+in a real native core."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import mmap
 import threading
 import time
 
+from kvmpy import _core
 from kvmpy import vcpu as vcpu_module
 from kvmpy.apic.testing import make_system
 from kvmpy.kvm import run as kr
@@ -18,10 +21,11 @@ from kvmpy.vcpu import (
     VcpuMode,
     VcpuState,
 )
-from kvmpy.wake import WakeToken
 
 
 class _Fd:
+    fd = -1  # a model-only vCPU in the core: no KVM
+
     def __init__(self) -> None:
         self.mapping = mmap.mmap(-1, 4096)
         self.view = RunView(self.mapping)
@@ -42,39 +46,25 @@ class _Machine:
         self.blocked += 1 if blocked else -1
 
 
+def halted_vcpus(n: int, max_ns: int, *, may_poll: bool = True) -> list[Vcpu]:
+    """`n` halted model vCPUs in one native core; with may_poll False the core counts
+    no host CPU, so no vCPU may poll."""
+    system = make_system(max(n, 2), x2apic=True)
+    machine = _Machine(max_ns, may_poll)
+    core = _core.Core(n, 2 if may_poll else 0, max_ns)
+    vcpus = []
+    for i in range(n):
+        vcpu = Vcpu(machine, i, _Fd(), system[i],  # type: ignore[arg-type]
+                    fastpath="python", stats=ExitStats(False))
+        vcpu.attach_core(core)
+        vcpu.view.u8[kr.IF_FLAG] = 1
+        vcpu.state = VcpuState.HALTED
+        vcpus.append(vcpu)
+    return vcpus
+
+
 def halted_vcpu(max_ns: int, *, may_poll: bool = True) -> Vcpu:
-    system = make_system(2, x2apic=True)
-    vcpu = Vcpu(_Machine(max_ns, may_poll), 0, _Fd(), system[0],  # type: ignore[arg-type]
-                fastpath=True, stats=ExitStats(False))
-    vcpu.view.u8[kr.IF_FLAG] = 1
-    vcpu.state = VcpuState.HALTED
-    return vcpu
-
-
-# ---------------------------------------------------------------- WakeToken
-
-
-def test_wake_token_is_a_binary_semaphore():
-    t = WakeToken()
-    assert not t.is_set() and t.wait(0.001) is False
-    t.set()
-    t.set()  # tokens do not accumulate
-    assert t.is_set()
-    assert t.wait(0) is True and t.wait(0.001) is False
-    t.set()
-    t.clear()
-    assert not t.is_set()
-
-
-def test_wake_token_wakes_a_sleeper_on_another_thread():
-    t = WakeToken()
-    woke = []
-    th = threading.Thread(target=lambda: woke.append(t.wait(5)))
-    th.start()
-    time.sleep(0.01)
-    t.set()
-    th.join(5)
-    assert woke == [True]
+    return halted_vcpus(1, max_ns, may_poll=may_poll)[0]
 
 
 # ---------------------------------------------------------------- halt polling
@@ -148,39 +138,53 @@ def test_with_polling_off_the_window_never_opens():
 # ---------------------------------------------------------------- posted kicks
 
 
+def _sleeping(vcpu: Vcpu) -> None:
+    """Put `vcpu` in the core's BLOCKED mode, as its thread's sleep_begin does."""
+    vcpu.core.sleep_begin(vcpu.index)
+    vcpu.core.wake_clear(vcpu.index)
+
+
 def test_a_kick_from_a_vcpu_thread_is_posted_and_sent_at_its_entry():
-    sender, target = halted_vcpu(0), halted_vcpu(0)
-    target.mode = VcpuMode.BLOCKED
+    sender, target = halted_vcpus(2, 0)
+    _sleeping(target)
     done = []
+
+    def woken() -> bool:
+        return target.core.wait(target.index, 0)  # a token there: wait returns at once
 
     def on_sender_thread() -> None:
         vcpu_module._this_thread.vcpu = sender
         target.kick()
-        done.append((target.wake.is_set(), list(sender._posted_wakes)))
+        done.append(woken())
         sender.send_posted_kicks()
-        done.append((target.wake.is_set(), list(sender._posted_wakes)))
+        done.append(woken())
 
     th = threading.Thread(target=on_sender_thread)
     th.start()
     th.join()
-    assert target.request_event
-    assert done == [(False, [target]), (True, [])]
+    assert target.core.take_request(target.index)
+    assert done == [False, True]
 
 
 def test_a_kick_from_another_thread_wakes_at_once():
-    target = halted_vcpu(0)
-    target.mode = VcpuMode.BLOCKED
+    (target,) = halted_vcpus(1, 0)
+    _sleeping(target)
     th = threading.Thread(target=target.kick)  # e.g. the timer thread: no vCPU of its own
     th.start()
     th.join()
-    assert target.wake.is_set()
+    assert target.core.wait(target.index, 0)
 
 
 def test_posted_kicks_are_sent_before_the_poster_sleeps():
-    sender, target = halted_vcpu(0), halted_vcpu(0)
-    target.mode = VcpuMode.BLOCKED
-    sender._posted_wakes.append(target)
+    sender, target = halted_vcpus(2, 0)
+    _sleeping(target)
+    vcpu_module._this_thread.vcpu = sender
+    try:
+        target.kick()  # posted on the sender (this thread plays its thread)
+    finally:
+        vcpu_module._this_thread.vcpu = None
+    assert not target.core.wait(target.index, 0)
     th = _deliver_later(sender, 0.01)  # something to wake the sender itself
     sender._block_until_runnable()
     th.join()
-    assert target.wake.is_set() and sender._posted_wakes == []
+    assert target.core.wait(target.index, 0)

@@ -120,6 +120,9 @@ u32 smp_cpus_available(void);
  * enable the BSP's APIC mode and call ap_main(). Returns how many CPUs came online
  * (n on success; fewer if some did not arrive within a bounded wait). */
 u32 smp_start(u32 n);
+/* Starts the CPUs with the given APIC IDs (the BSP's own is skipped) one by one with
+ * INIT, SIPI, SIPI, as an OS does from its MADT; returns how many CPUs are online. */
+u32 smp_start_ids(const u32 *ids, u32 count);
 /* CPUs online, and the APIC ID CPU index `cpu` reported when it came up. */
 u32 smp_online(void);
 u32 smp_apic_id(u32 cpu);

@@ -225,4 +225,7 @@ const char *cmdline_value(const char *cmdline, const char *key);
 /* A decimal or 0x-prefixed hex number at `s` (up to the first non-digit). */
 u32 parse_u32(const char *s);
 
+/* Sorts v[0..n) in place and returns the median (the lower mean of the middle two). */
+u32 median_u32(u32 *v, u32 n);
+
 #endif

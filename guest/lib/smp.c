@@ -135,9 +135,9 @@ static void start_aps(u32 icr_shorthand, u32 dest)
     }
 }
 
-u32 smp_start(u32 n)
+/* The BSP's APIC enabled and its ID recorded; returns that ID. */
+static u32 bsp_online(void)
 {
-    u32 avail = smp_cpus_available();
     u32 self;
 
     if (apic_mode() == APIC_MODE_DISABLED)
@@ -147,17 +147,47 @@ u32 smp_start(u32 n)
         apic_ids[cpu_index()] = self;
         online = 1;
     }
-    if (n > KVMPY_MAX_CPUS)
-        n = KVMPY_MAX_CPUS;
-    if (n <= online)
-        return online;
+    return self;
+}
 
+/* Before the first SIPI: the APs' APIC mode, their wake-up handler, the trampoline. */
+static void install_trampoline(void)
+{
     ap_mode = apic_mode();
     handler[SMP_WAKE_VECTOR] = wake;
     memcpy((void *)SMP_TRAMPOLINE_ADDR, smp_trampoline_start,
            smp_trampoline_end - smp_trampoline_start);
     memcpy((void *)(SMP_TRAMPOLINE_ADDR + (smp_trampoline_gdtr - smp_trampoline_start)),
            kvmpy_gdt_descr, 6);
+}
+
+u32 smp_start_ids(const u32 *ids, u32 count)
+{
+    u32 self = bsp_online();
+    u32 want = online;
+
+    install_trampoline();
+    for (u32 i = 0; i < count; i++) {
+        if (ids[i] == self || want >= KVMPY_MAX_CPUS)
+            continue;
+        start_aps(0, ids[i]);
+        want++;
+    }
+    for (u32 i = 0; i < ONLINE_POLLS && online < want; i++)
+        pause();
+    return online;
+}
+
+u32 smp_start(u32 n)
+{
+    u32 avail = smp_cpus_available();
+    u32 self = bsp_online();
+
+    if (n > KVMPY_MAX_CPUS)
+        n = KVMPY_MAX_CPUS;
+    if (n <= online)
+        return online;
+    install_trampoline();
 
     if (n >= avail) {
         start_aps(APIC_DEST_ALLBUT, 0);

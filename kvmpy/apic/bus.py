@@ -77,12 +77,35 @@ class ApicBus:
         # Set (for good) once an APIC's ID is not its index (kvmpy's numbering): added
         # so, or software moved an xAPIC ID. From then on physical IPIs take the general
         # route, which finds every APIC with the destination ID, aliases included.
-        self.renumbered = False
+        self._renumbered = False
+        # The native exit core (kvmpy._core.Core) of the VM, if any: told when IDs stop
+        # being indexes, so its fastpath hands those IPIs to this general route.
+        self.core = None
         # kvmpy.tracing.Tracer, or None: told of each IPI before it is published.
         self.tracer: Tracer | None = None
         # Called with the vector of every EOI of a level-triggered interrupt (the I/O
         # APICs' EOI input); runs on the EOI-ing vCPU's thread.
         self.eoi_listeners: list[Callable[[int], None]] = []
+
+    @property
+    def renumbered(self) -> bool:
+        return self._renumbered
+
+    @renumbered.setter
+    def renumbered(self, value: bool) -> None:
+        self._renumbered = value
+        if self.core is not None:
+            self.core.set(renumbered=int(value))
+
+    @property
+    def core(self) -> object:
+        return self._core
+
+    @core.setter
+    def core(self, core: object) -> None:
+        self._core = core
+        if core is not None:
+            core.set(renumbered=int(self._renumbered))
 
     def add(self, apic: LocalApic) -> None:
         """Attach ``apic``; its ``index`` becomes its position in ``apics``."""

@@ -10,6 +10,15 @@ thread and takes no lock: IRR/ISR/TMR are ``bytearray(256)``, one byte per vecto
 the pending state first, and only then calls ``bus.notify(index)``, so a target that
 re-checks after being notified always sees the new state. The ESR accumulator, the
 one multi-field update other threads make, takes a small lock.
+
+One source of truth with the native exit core (kvmpy/native/core.h): the bytes of
+IRR/ISR/TMR and the register words the fastpath touches (``regs``: TPR, PPR, mode,
+software enable, IDs, LDR/DFR, SVR, ICR, the xAPIC base, the timer deadline, and the
+core's own counters) are this object's memory, which the core reads and writes
+through buffer views (C11 atomics on its side). The attributes below are properties
+over ``regs``; there is no second copy. An NMI/INIT/SIPI/SMI, which only Python
+handles, also sets ``R_SLOW_EVENTS`` after it is published, so the core hands the
+vCPU back to Python.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from kvmpy import _core as nc
 
 from . import constants as c
 from .counters import AtomicCounter
@@ -38,6 +49,19 @@ _X2APIC = ApicMode.X2APIC
 _X2APIC_ICR_RESERVED = c.X2APIC_ICR_RESERVED
 _MMIO_HOLE = 0xFFFFFFFFFFFFFFFF
 _LVT_TIMER_DEADLINE_BIT = c.TIMER_TSC_DEADLINE << c.LVT_TIMER_MODE_SHIFT  # bit 18
+_MODES = (ApicMode.DISABLED, ApicMode.XAPIC, ApicMode.X2APIC)
+
+
+def _reg(index: int, doc: str) -> property:
+    """A register word in ``regs`` (shared with the native core), as an int."""
+
+    def get(self: LocalApic) -> int:
+        return self._r[index]
+
+    def set_(self: LocalApic, value: int) -> None:
+        self._r[index] = value
+
+    return property(get, set_, doc=doc)
 
 
 def _pack32(vectors: bytearray, word: int) -> int:
@@ -48,6 +72,57 @@ def _pack32(vectors: bytearray, word: int) -> int:
 
 class LocalApic:
     """One local APIC. See the module docstring for the threading contract."""
+
+    tpr = _reg(nc.R_TPR, "Task priority (SDM 10.8.3.1).")
+    ppr = _reg(nc.R_PPR, "Processor priority (SDM 10.8.3.1).")
+    xapic_id = _reg(nc.R_XAPIC_ID, "The 8-bit xAPIC ID (software-writable, SDM 10.4.6).")
+    ldr = _reg(nc.R_LDR, "The xAPIC logical destination register.")
+    dfr = _reg(nc.R_DFR, "The xAPIC destination format register.")
+    svr = _reg(nc.R_SVR, "Spurious-interrupt vector register (SDM 10.9).")
+    _icr_low = _reg(nc.R_ICR_LOW, "ICR[31:0] as last written.")
+    _icr_dest = _reg(nc.R_ICR_DEST, "ICR destination: [63:32] (x2APIC), [63:56] (xAPIC).")
+
+    @property
+    def mode(self) -> ApicMode:
+        """Global mode from IA32_APIC_BASE EN/EXTD (SDM 10.12.1)."""
+        return _MODES[self._r[nc.R_MODE]]
+
+    @mode.setter
+    def mode(self, value: ApicMode) -> None:
+        self._r[nc.R_MODE] = value.value
+
+    @property
+    def sw_enabled(self) -> bool:
+        """SVR bit 8: software enable (SDM 10.4.7.2)."""
+        return bool(self._r[nc.R_SW_ENABLED])
+
+    @sw_enabled.setter
+    def sw_enabled(self, value: bool) -> None:
+        self._r[nc.R_SW_ENABLED] = 1 if value else 0
+
+    @property
+    def base_address(self) -> int:
+        """The xAPIC MMIO page's physical address (IA32_APIC_BASE[51:12])."""
+        return self._q[nc.Q_BASE_ADDRESS]
+
+    @base_address.setter
+    def base_address(self, value: int) -> None:
+        self._q[nc.Q_BASE_ADDRESS] = value
+
+    def _slow_event(self) -> None:
+        """After publishing an NMI/INIT/SIPI/SMI: tell the native core to hand the vCPU
+        to Python (the loop top and the halt re-check R_SLOW_EVENTS)."""
+        self._r[nc.R_SLOW_EVENTS] = 1
+
+    def clear_slow_events(self) -> None:
+        """Owner, before it looks at the pending NMI/INIT/SIPI/SMI (a sender publishes
+        THEN sets the flag, so one left behind the clear is seen by that look)."""
+        self._r[nc.R_SLOW_EVENTS] = 0
+
+    def slow_events_left(self) -> None:
+        """Owner, after its look: what it could not take yet stays flagged."""
+        if self._nmi_flag or self.init_pending or self.smi_pending or self.sipi_pending:
+            self._r[nc.R_SLOW_EVENTS] = 1
 
     def __init__(
         self,
@@ -65,7 +140,12 @@ class LocalApic:
         min_periodic_ns: int = 0,
         lint0_extint_at_reset: bool = False,
     ) -> None:
+        # The register words shared with the native core (see the module docstring).
+        self.regs = bytearray(nc.REGS_BYTES)
+        self._r = memoryview(self.regs).cast("I")
+        self._q = memoryview(self.regs).cast("Q")
         self.apic_id = apic_id  # initial APIC ID == x2APIC ID (SDM 10.12.5.1)
+        self._r[nc.R_APIC_ID] = apic_id
         self.bus = bus
         self.bsp = bsp
         self.clock_ns = clock_ns
@@ -87,6 +167,8 @@ class LocalApic:
         # apic_reset_common: the BSP's LVT LINT0 resets to ExtINT, unmasked, so the
         # 8259's interrupts reach it before any software programs the APIC.
         self.lint0_extint_at_reset = lint0_extint_at_reset
+        self._extint_line = False  # the 8259's INTR as last told (set_extint_line)
+        self._r[nc.R_X2APIC_LDR] = self.x2apic_ldr
         # Called with the vector on the EOI of a level-triggered interrupt (TMR set):
         # the VMM may forward it to the IOAPIC (SDM 10.8.5). Runs on the owner's thread.
         self.on_level_eoi: Callable[[int], None] | None = None
@@ -160,6 +242,7 @@ class LocalApic:
             self._lvt[i] = c.LVT_MASKED
         if self.lint0_extint_at_reset:
             self._lvt[c.LVT_LINT0] = c.DM_EXTINT << 8
+        self._sync_extint()
         self.timer.reset()
 
     # ================================================================ counters
@@ -167,10 +250,20 @@ class LocalApic:
     def stats(self) -> Counter[str]:
         """Snapshot of all event counters (owner-side and delivery-side)."""
         snap = Counter(self._stats)
-        if self.ipis_sent:
-            snap["ipi_sent"] += self.ipis_sent
-        if self.ipis_no_target:
-            snap["ipi_no_target"] += self.ipis_no_target
+        q = self._q
+        for name, extra in (
+            ("ipi_sent", self.ipis_sent + q[nc.Q_IPI_SENT]),
+            ("ipi_no_target", self.ipis_no_target + q[nc.Q_IPI_NO_TARGET]),
+            ("injected", q[nc.Q_INJECTED]),
+            ("eoi", q[nc.Q_EOI]),
+            ("self_ipi", q[nc.Q_SELF_IPI]),
+        ):
+            if extra:
+                snap[name] += extra
+        for name, native in (("ipi_received", nc.Q_RX_FIXED),
+                             ("fixed_rejected_disabled", nc.Q_RX_REJECTED)):
+            if q[native]:
+                snap[name] += q[native]
         for name, counter in (
             ("ipi_received", self._rx_fixed),
             ("fixed_rejected_disabled", self._rx_rejected),
@@ -184,7 +277,7 @@ class LocalApic:
         ):
             value = counter.value
             if value:
-                snap[name] = value
+                snap[name] += value
         if self.timer.missed_periods:
             snap["timer_missed_periods"] = self.timer.missed_periods
         return snap
@@ -216,6 +309,7 @@ class LocalApic:
             self._reset_registers()
             self.xapic_id = self.apic_id & 0xFF
         self.mode = new
+        self._sync_extint()  # a globally disabled APIC takes the 8259's INTR
         # xAPIC -> x2APIC (SDM 10.12.5.1): the ID reads as the x2APIC ID and the LDR is
         # derived from it (both computed on read); DFR and ICR high vanish.
 
@@ -431,6 +525,7 @@ class LocalApic:
         if not enabled:
             for i in range(c.LVT_COUNT):
                 self._lvt[i] |= c.LVT_MASKED
+            self._sync_extint()
         if enabled != self.sw_enabled:
             self._stats["sw_enable" if enabled else "sw_disable"] += 1
         self.sw_enabled = enabled
@@ -447,6 +542,8 @@ class LocalApic:
             value &= ~_LVT_TIMER_DEADLINE_BIT
         if index != c.LVT_TIMER:
             self._lvt[index] = value
+            if index == c.LVT_LINT0:
+                self._sync_extint()
             return
         now = self.clock_ns()
         self._timer_catch_up(now)  # under the old LVT: vector, mask and mode
@@ -457,6 +554,17 @@ class LocalApic:
     def lvt(self, index: int) -> int:
         """Current value of LVT entry ``index`` (LVT_TIMER .. LVT_ERROR)."""
         return self._lvt[index]
+
+    def set_extint_line(self, level: bool) -> None:
+        """The 8259's INTR went to `level` (any thread): R_EXTINT tells the native core
+        whether an ExtINT is there for this CPU (vcpu_loop.c hands it to Python)."""
+        self._extint_line = level
+        self._sync_extint()
+
+    def _sync_extint(self) -> None:
+        """R_EXTINT = INTR up and taken (after LINT0, SVR, mode changes and resets)."""
+        line = getattr(self, "_extint_line", False)  # _reset_registers runs in __init__
+        self._r[nc.R_EXTINT] = 1 if line and self.accepts_pic_interrupts() else 0
 
     def accepts_pic_interrupts(self) -> bool:
         """Does the 8259's INTR reach this CPU? KVM's kvm_apic_accept_pic_intr: when the
@@ -564,6 +672,7 @@ class LocalApic:
         """NMI message (SDM 10.6.1): bypasses IRR/ISR; accepted even if SVR-disabled."""
         self._rx_nmi.inc()
         self._nmi_flag = True
+        self._slow_event()
 
     @property
     def nmi_pending(self) -> bool:
@@ -573,11 +682,13 @@ class LocalApic:
         """SMI message: latched as a pending flag (no SMM is modelled)."""
         self.smi_pending = True
         self._rx_smi.inc()
+        self._slow_event()
 
     def accept_init(self) -> None:
         """INIT message (SDM 10.6.1, 10.4.7.3); the owner acts on it in take_init."""
         self.init_pending = True
         self._rx_init.inc()
+        self._slow_event()
 
     def accept_sipi(self, vector: int) -> None:
         """Start-up IPI (SDM 10.4.4.1, 8.4.4): latched only by a processor in (or on its
@@ -588,6 +699,7 @@ class LocalApic:
         self.sipi_vector = vector & 0xFF
         self.sipi_pending = True
         self._rx_sipi.inc()
+        self._slow_event()
 
     # ================================================================ injection (owner)
     def has_pending_events(self) -> bool:

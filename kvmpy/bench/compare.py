@@ -1,4 +1,5 @@
-"""Many alternated runs of kvmpy-fast, kvmpy-slow and kernel, and their statistical verdict.
+"""Many alternated runs of kvmpy-fast (native fastpath), kvmpy-python, kvmpy-slow and kernel,
+and their statistical verdict.
 
 `kvmpy bench ipi --compare` runs the bundled ipi_bench guest, `kvmpy bench vmexit` runs
 kvm-unit-tests' vmexit.flat (kvmpy/bench/vmexit.py); both go through `run_comparison`:
@@ -34,11 +35,13 @@ from kvmpy.bench.stats import (
     verdict,
 )
 
-CONFIGS = ("kvmpy-fast", "kvmpy-slow", "kernel")
+CONFIGS = ("kvmpy-fast", "kvmpy-python", "kvmpy-slow", "kernel")
 # (label, A, B, subject of the verdict): A/B in time, lower is faster.
 PAIRS = (
-    ("fast/slow", "kvmpy-fast", "kvmpy-slow", "fastpath"),
-    ("fast/kernel", "kvmpy-fast", "kernel", "kvmpy fastpath"),
+    ("fast/slow", "kvmpy-fast", "kvmpy-slow", "native fastpath"),
+    ("fast/python", "kvmpy-fast", "kvmpy-python", "native fastpath"),
+    ("python/slow", "kvmpy-python", "kvmpy-slow", "Python fastpath"),
+    ("fast/kernel", "kvmpy-fast", "kernel", "kvmpy native fastpath"),
 )
 DEFAULT_RUNS = 10
 
@@ -85,9 +88,12 @@ class Comparison:
     order: list[str] = field(default_factory=list)  # the configuration of each run, in order
     failures: list[str] = field(default_factory=list)
     tests: dict[str, TestResult] = field(default_factory=dict)
+    # (label, A, B, subject) ratios to report; `kvmpy bench ab` compares work/base.
+    pairs: Sequence[tuple[str, str, str, str]] = PAIRS
+    unit: str = "cycles"  # what the figures are; us are shown only for cycles with tsc_hz
 
     def us(self, cycles: float) -> float | None:
-        return cycles * 1e6 / self.tsc_hz if self.tsc_hz else None
+        return cycles * 1e6 / self.tsc_hz if self.tsc_hz and self.unit == "cycles" else None
 
     def analyse(self) -> None:
         """Summaries and ratios from the run medians collected so far."""
@@ -95,7 +101,7 @@ class Comparison:
             test.summaries = {c: ConfigSummary.of(test.run_medians[c])
                               for c in self.configs if test.run_medians.get(c)}
             test.ratios = []
-            for label, a, b, subject in PAIRS:
+            for label, a, b, subject in self.pairs:
                 ra, rb = test.run_medians.get(a, []), test.run_medians.get(b, [])
                 if not ra or not rb:
                     continue
@@ -126,7 +132,7 @@ class Comparison:
             tests[name] = {"configs": configs, "ratios": ratios}
         return {
             "kind": self.kind, "source": self.source, "backend": self.backend,
-            "unit": "cycles", "tsc_hz": self.tsc_hz, "configs": self.configs,
+            "unit": self.unit, "tsc_hz": self.tsc_hz, "configs": self.configs,
             "runs": self.runs, "order": self.order, "confidence": 0.95,
             "resamples": self.resamples, "seed": self.seed, "failures": self.failures,
             "tests": tests,
@@ -179,8 +185,9 @@ def print_comparison(c: Comparison, file: object = None) -> None:
 
     console = Console(file=file, width=160)  # type: ignore[arg-type]
     mhz = f", TSC {c.tsc_hz / 1e6:.0f} MHz" if c.tsc_hz else ""
+    unit = c.unit + (" (us)" if c.us(1.0) is not None else "")
     t1 = Table(title=f"{c.source}: {c.runs} alternated runs ({c.backend}{mhz}); "
-               "median of run medians, cycles (us), run range and spread max/min")
+               f"median of run medians, {unit}, run range and spread max/min")
     t1.add_column("test")
     for cfg in c.configs:
         t1.add_column(cfg, justify="right")
@@ -230,8 +237,9 @@ def add_compare_options(p: argparse.ArgumentParser, *, flag: bool) -> None:
 def add_vmexit_parser(bench_sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = bench_sub.add_parser(
         "vmexit", allow_abbrev=False,
-        help="kvm-unit-tests' vmexit.flat (ipi, ipi_halt) under kvmpy fastpath, "
-        "--no-fastpath and the in-kernel APIC, alternated, with bootstrap CIs")
+        help="kvm-unit-tests' vmexit.flat (ipi, ipi_halt) under kvmpy's native fastpath, "
+        "--fastpath python, --no-fastpath and the in-kernel APIC, alternated, with bootstrap "
+        "CIs")
     p.add_argument("--kut-dir", metavar="DIR", default=os.environ.get("KVMPY_KUT_DIR"),
                    help="a built kvm-unit-tests tree (default: $KVMPY_KUT_DIR)")
     p.add_argument("--tests", nargs="+", default=["ipi", "ipi_halt"], metavar="NAME",

@@ -243,7 +243,7 @@ def run_c(binary: Path, n: int, *, memory: int = MEMORY) -> RunSample:
     )
 
 
-def run_kvmpy(n: int, *, fastpath: bool, memory: int = MEMORY,
+def run_kvmpy(n: int, *, fastpath: bool | str, memory: int = MEMORY,
               record_time: bool = True, traced: bool = False) -> RunSample:
     """Run the n-iteration guest on a 1-vCPU kvmpy Machine (its defaults otherwise).
     With `record_time=False` the exit statistics keep counts only: the difference to
@@ -269,9 +269,11 @@ def run_kvmpy(n: int, *, fastpath: bool, memory: int = MEMORY,
     stats = result.stats
     wrmsr = k.KVM_EXIT_X86_WRMSR
     fast = stats.fast[wrmsr]
-    hist = stats.fast_time[wrmsr] if fastpath else stats.slow_time[wrmsr]
+    on = fastpath not in (False, "off")
+    hist = stats.fast_time[wrmsr] if on else stats.slow_time[wrmsr]
+    base = {"python": "fastpath-python"}.get(str(fastpath), "fastpath" if on else "slowpath")
     return RunSample(
-        side=("fastpath" if fastpath else "slowpath") + ("" if record_time else "-untimed")
+        side=base + ("" if record_time else "-untimed")
         + ("-traced" if traced else ""),
         n=n, exits=sum(stats.count),
         icr_exits=fast + stats.msr_accesses.get(("wr", MSR_X2APIC_ICR), 0), icr_fast=fast,
@@ -372,10 +374,11 @@ def _rank(ordered: list[int], p: float) -> int:
 # ------------------------------------------------------------------ the benchmark
 
 
-SIDES = ("c", "python", "fastpath", "fastpath-untimed", "fastpath-traced", "slowpath")
-TITLES = {"c": "C floor", "python": "bare Python", "fastpath": "kvmpy fastpath",
-          "fastpath-untimed": "kvmpy fastpath, no timing",
-          "fastpath-traced": "kvmpy fastpath, traced", "slowpath": "kvmpy slow path"}
+SIDES = ("c", "python", "fastpath", "fastpath-untimed", "fastpath-python", "fastpath-traced",
+         "slowpath")
+TITLES = {"c": "C floor", "python": "bare Python", "fastpath": "kvmpy native",
+          "fastpath-untimed": "native, no timing", "fastpath-python": "kvmpy python",
+          "fastpath-traced": "native, traced", "slowpath": "kvmpy off"}
 
 
 @dataclass(frozen=True)
@@ -471,6 +474,7 @@ def run_floor(n: int, repeats: int, *, memory: int = MEMORY) -> FloorResult:
         "fastpath": lambda m: run_kvmpy(m, fastpath=True, memory=memory),
         "fastpath-untimed": lambda m: run_kvmpy(m, fastpath=True, memory=memory,
                                                 record_time=False),
+        "fastpath-python": lambda m: run_kvmpy(m, fastpath="python", memory=memory),
         "fastpath-traced": lambda m: run_kvmpy(m, fastpath=True, memory=memory, traced=True),
         "slowpath": lambda m: run_kvmpy(m, fastpath=False, memory=memory),
     }

@@ -4,7 +4,8 @@ Runs the bundled `ipi_bench` guest (guest/ipi_bench.c) under three configuration
 one invocation, alternating them `--rounds` times so drift on a shared machine hits all
 three alike:
 
-    kvmpy-fast   kvmpy's userspace APIC, ICR writes on the early fastpath
+    kvmpy-fast   kvmpy's userspace APIC, the native fastpath (--fastpath native, the C core)
+    kvmpy-python the same build with --fastpath python (handle_exit_irqoff under the GIL)
     kvmpy-slow   the same build with --no-fastpath (ordinary exit dispatch)
     kernel       KVM's in-kernel irqchip (its own x2APIC and fastpath): the reference
 
@@ -28,7 +29,10 @@ from kvmpy.kvm import detect_backend
 from kvmpy.machine import Machine, MachineConfig
 from kvmpy.trace import ExitStats, Histogram
 
-CONFIGS = ("kvmpy-fast", "kvmpy-slow", "kernel")
+CONFIGS = ("kvmpy-fast", "kvmpy-python", "kvmpy-slow", "kernel")
+# The --fastpath setting of each kvmpy configuration (the in-kernel APIC has none).
+FASTPATH_OF = {"kvmpy-fast": "native", "kvmpy-python": "python", "kvmpy-slow": "off",
+               "kernel": "off"}
 TWO_CPU_TESTS = ("rt", "oneway", "rt_halt", "oneway_halt", "send", "send_kick",
                  "vmexit_ipi", "vmexit_ipi_halt")
 SCALE_TESTS = ("bcast", "mcast")
@@ -38,7 +42,7 @@ _TEST_LINE = re.compile(r"ipi_bench: test (\w+) n=(\d+) addr=0x([0-9a-f]+)")
 def config_for(name: str, cpus: int, cmdline: str) -> MachineConfig:
     return MachineConfig(
         cpus=cpus, memory=64 << 20, cmdline=cmdline, serial=io.BytesIO(),
-        fastpath=(name != "kvmpy-slow"), irqchip="kernel" if name == "kernel" else "user",
+        fastpath=FASTPATH_OF[name], irqchip="kernel" if name == "kernel" else "user",
     )
 
 
@@ -246,7 +250,8 @@ def plot_report(result: BenchResult, path: str) -> None:
     tests = [t for t in result.raw if result.raw[t]]
     fig, axes = plt.subplots(len(tests) or 1, 1, figsize=(9, 2.3 * max(1, len(tests))),
                              squeeze=False)
-    colors = {"kvmpy-fast": "tab:green", "kvmpy-slow": "tab:red", "kernel": "tab:blue"}
+    colors = {"kvmpy-fast": "tab:green", "kvmpy-python": "tab:orange", "kvmpy-slow": "tab:red",
+              "kernel": "tab:blue"}
     for ax, test in zip(axes[:, 0], tests, strict=False):
         per = result.raw[test]
         values = [v for vs in per.values() for v in vs if v > 0]

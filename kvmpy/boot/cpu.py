@@ -90,3 +90,24 @@ def setup_real_mode_sipi(vcpu: VcpuFd, vector: int) -> None:
     regs.rip = 0
     regs.rflags = RFLAGS_RESERVED
     vcpu.set_regs(regs)
+
+
+def setup_real_mode(vcpu: VcpuFd, *, cs: int, ip: int) -> None:
+    """Real mode at CS:IP with the other segments 0 (base 0, limit 64 KiB), paging and
+    protection off, EFER 0, general registers 0: where the firmware hands a resuming
+    OS its FACS waking vector (ACPI 6.3 section 16.3.2, CS = vector >> 4, IP = vector
+    & 0xF; SeaBIOS's s3_resume far-calls it with the other segments zero)."""
+    sregs = vcpu.get_sregs()
+    sregs.cs = _segment(cs << 4, 0xFFFF, cs, 0xB, big=False)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        setattr(sregs, name, _segment(0, 0xFFFF, 0, 0x3, big=False))
+    sregs.gdt.base = sregs.idt.base = 0
+    sregs.gdt.limit = sregs.idt.limit = 0xFFFF
+    sregs.cr0 = CR0_ET
+    sregs.cr2 = sregs.cr3 = sregs.cr4 = 0
+    sregs.efer = 0
+    vcpu.set_sregs(sregs)
+    regs = KvmRegs()
+    regs.rip = ip
+    regs.rflags = RFLAGS_RESERVED
+    vcpu.set_regs(regs)

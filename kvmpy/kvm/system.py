@@ -201,6 +201,11 @@ class VcpuFd:
         self.run_struct = s.KvmRun.from_buffer(self._map)
         self.view = RunView(self._map)
 
+    @property
+    def mapping(self) -> mmap.mmap:
+        """The mapped kvm_run page (the native core holds a buffer view of it)."""
+        return self._map
+
     def run(self) -> int:
         """KVM_RUN. Returns 0, or -errno for EINTR/EAGAIN (a kick is an ordinary exit)."""
         if _ioctl(self.fd, k.KVM_RUN, None) == 0:

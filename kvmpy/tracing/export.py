@@ -183,7 +183,7 @@ def build(tracer: r.Tracer, *, title: str = "kvmpy") -> dict[str, object]:
             "fastpath": bool(meta.get("fastpath", True)),
             "irqchip": str(meta.get("irqchip", "user")),
             "events_per_ring": tracer.events,
-            "events_recorded": sum(ring.count for ring in tracer.rings),
+            "events_recorded": sum(ring.total for ring in tracer.rings),
             "events_dropped": sum(ring.dropped for ring in tracer.rings),
             "tsc_hz": int(meta.get("tsc_hz", 0) or 0),
             "tsc_map": json.dumps(meta.get("tsc_map", [])),

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from kvmpy.errors import KvmpyError
 
-from .recorder import DEFAULT_EVENTS, LINE_MAX, Ring, Tracer, now_ns
+from .recorder import DEFAULT_EVENTS, FIELDS, LINE_MAX, Ring, Tracer, now_ns
 
 if TYPE_CHECKING:
     from kvmpy.machine import Machine
@@ -59,6 +59,10 @@ def attach(machine: Machine, events: int = DEFAULT_EVENTS) -> Tracer:
         raise KvmpyError(str(exc)) from None
     for vcpu, ring in zip(machine.vcpus, tracer.vcpu_rings, strict=True):
         vcpu.tracer = ring
+        # The native core records this vCPU's exits, injections, EOIs, sends and kicks
+        # into a ring of its own beside the Python one (merged by time on export).
+        ring.native = bytearray(events * FIELDS * 8)
+        machine.core.trace_attach(vcpu.index, ring.native)
         if vcpu.apic is not None:
             vcpu.apic.on_eoi = ring.eoi
             vcpu.apic.on_timer_irq = ring.timer_irq

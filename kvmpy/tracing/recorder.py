@@ -43,6 +43,7 @@ SIGNAL      signal number                0          (the kick handler ran, main 
 
 from __future__ import annotations
 
+import heapq
 import signal
 import sys
 import threading
@@ -109,7 +110,8 @@ _DISABLED = ApicMode.DISABLED
 class Ring:
     """The last ``capacity`` events of one thread. Only that thread calls ``rec``."""
 
-    __slots__ = ("name", "capacity", "buf", "count", "_j", "_end", "tracer", "index")
+    __slots__ = ("name", "capacity", "buf", "count", "_j", "_end", "tracer", "index",
+                 "native", "native_count")
 
     def __init__(self, name: str, capacity: int, tracer: Tracer | None = None,
                  index: int = -1) -> None:
@@ -124,6 +126,12 @@ class Ring:
         self._end = FIELDS * capacity
         self.tracer = tracer
         self.index = index  # the vCPU index for a vCPU's ring, else -1
+        # A vCPU's records written by the native core (kvmpy/native: RUN, DONE of the
+        # fastpath, INJECT, EOI, SEND, KICK, BLOCK/WOKE/UNBLOCK of its halts), in the
+        # same four-int64 format: a buffer the core writes, and the count it reached
+        # (read when the vCPU thread ends). records() merges the two by time.
+        self.native: bytearray | None = None
+        self.native_count = 0
 
     def rec(self, kind: int, a: int, b: int) -> None:
         """Record one event now. Hot: four stores by index, no allocation, no lock."""
@@ -139,8 +147,11 @@ class Ring:
 
     @property
     def dropped(self) -> int:
-        """Events overwritten by newer ones."""
-        return max(0, self.count - self.capacity)
+        """Events overwritten by newer ones (in either ring)."""
+        lost = max(0, self.count - self.capacity)
+        if self.native is not None:
+            lost += max(0, self.native_count - len(self.native) // (FIELDS * 8))
+        return lost
 
     @property
     def nbytes(self) -> int:
@@ -152,21 +163,27 @@ class Ring:
         ENTER and EXIT would take two: the hot path pays one call per KVM_RUN)."""
         self.rec(RUN, exit[0] | exit[1] << 8, t_enter)
 
+    @property
+    def total(self) -> int:
+        """Events recorded, by Python and by the native core."""
+        return self.count + self.native_count
+
     def records(self) -> list[tuple[int, int, int, int]]:
         """The retained events, oldest first, RUN records given back as ENTER then EXIT
-        (call when the writer has stopped)."""
-        buf = self.buf
-        n = min(self.count, self.capacity)
-        start = self._j if self.count > self.capacity else 0
-        out = []
-        for i in range(n):
-            j = ((start // FIELDS + i) % self.capacity) * FIELDS
-            t, kind, a, b = buf[j], buf[j + 1], buf[j + 2], buf[j + 3]
-            if kind == RUN:
-                out.append((b, ENTER, 0, 0))
-                out.append((t, EXIT, a & 0xFF, a >> 8))
-            else:
-                out.append((t, kind, a, b))
+        (call when the writer has stopped). The native core's records of this vCPU are
+        merged in by time (one thread wrote both, so each list is in time order)."""
+        out = _unroll(self.buf, self.count, self.capacity, self._j)
+        if self.native is not None and self.native_count:
+            cap = len(self.native) // (FIELDS * 8)
+            start = (self.native_count % cap) * FIELDS if self.native_count > cap else 0
+            native = _unroll(memoryview(self.native).cast("q").tolist(), self.native_count,
+                             cap, start)
+            # One window for both: where a ring wrapped, what the other kept from before
+            # its oldest record would look like a gap in it.
+            since = min((r[0] for r in out), default=0) if self.count > self.capacity else 0
+            if self.native_count > cap and native:
+                since = max(since, native[0][0])
+            out = [r for r in heapq.merge(out, native, key=lambda r: r[0]) if r[0] >= since]
         return out
 
     # ------------------------------------------------------------ hooks on a vCPU ring
@@ -191,6 +208,24 @@ class Ring:
     def timer_irq(self, vector: int, deadline_ns: int) -> None:
         """LocalApic.on_timer_irq: the timer expired and set ``vector`` in IRR."""
         self.rec(TIMER_IRQ, vector, deadline_ns)
+
+
+def _unroll(buf: list[int], count: int, capacity: int,
+            start: int) -> list[tuple[int, int, int, int]]:
+    """The records of a ring buffer, oldest first (``start``: the slot of the oldest
+    when it has wrapped), RUN records as ENTER then EXIT."""
+    n = min(count, capacity)
+    start = start if count > capacity else 0
+    out = []
+    for i in range(n):
+        j = ((start // FIELDS + i) % capacity) * FIELDS
+        t, kind, a, b = buf[j], buf[j + 1], buf[j + 2], buf[j + 3]
+        if kind == RUN:
+            out.append((b, ENTER, 0, 0))
+            out.append((t, EXIT, a & 0xFF, a >> 8))
+        else:
+            out.append((t, kind, a, b))
+    return out
 
 
 class LockedRing(Ring):
@@ -299,6 +334,6 @@ class Tracer:
     # ------------------------------------------------------------ accounting
 
     def summary(self) -> dict[str, int]:
-        return {"events": sum(r.count for r in self.rings),
+        return {"events": sum(r.total for r in self.rings),
                 "dropped": sum(r.dropped for r in self.rings),
                 "slots": self.slots}

@@ -1,0 +1,261 @@
+/*
+ * The local APIC operations the native fastpath needs, on LocalApic's own memory
+ * (core.h). Each mirrors a method of kvmpy/apic/lapic.py or kvmpy/apic/bus.py, which
+ * stay the reference semantics; tests/test_native_differential.py runs both on the
+ * same inputs and compares the whole APIC state. Anything this file does not cover
+ * returns FASTPATH_NONE before any side effect, and Python's slow path handles it.
+ */
+#define _GNU_SOURCE
+#include <string.h>
+
+#include "core.h"
+
+#define DM_FIXED 0
+#define DM_LOWEST 1
+#define ICR_DEST_LOGICAL (1u << 11)
+#define SH_NONE 0
+#define SH_SELF 1
+#define SH_ALL_BUT 3
+#define SVR_FOCUS_DISABLED (1u << 9)
+#define DFR_MODEL_FLAT 0xFu
+/* x2APIC ICR reserved bits 13, 17:16, 31:20 (#GP), SDM 10.12.9 */
+#define X2APIC_ICR_RESERVED ((1ull << 13) | (0x3ull << 16) | (0xFFFull << 20))
+
+/* Highest vector whose byte is set, or -1 (the register's highest bit, SDM 10.8.4). */
+int lapic_highest(const uint8_t *vectors)
+{
+	const uint8_t *p = memrchr(vectors, 1, 256);
+	return p ? (int)(p - vectors) : -1;
+}
+
+/* LocalApic.pending_vector: the highest IRR vector whose class is above PPR's, with
+ * the APIC software-enabled (SDM 10.8.3.1); -1 if none. IRR is read while senders
+ * set bits: a bit missed here was published before its kick, which makes the vCPU
+ * look again (the kick protocol). */
+int lapic_pending_vector(struct vcpu *v)
+{
+	struct lapic *a = &v->apic;
+	int vector = lapic_highest(a->irr);
+	if (vector < 0 || (vector >> 4) <= (int)(a->r[R_PPR] >> 4) || !a->r[R_SW_ENABLED])
+		return -1;
+	return vector;
+}
+
+/* LocalApic._update_ppr (SDM 10.8.3.1): TPR if TPR[7:4] >= ISRV[7:4], else
+ * ISRV[7:4] << 4. ISR, TPR and PPR are written only by the owner thread. */
+void lapic_update_ppr(struct vcpu *v)
+{
+	struct lapic *a = &v->apic;
+	int isrv = lapic_highest(a->isr);
+	uint32_t tpr = a->r[R_TPR];
+	if (isrv < 0 || (tpr & 0xF0) >= ((uint32_t)isrv & 0xF0))
+		a->r[R_PPR] = tpr;
+	else
+		a->r[R_PPR] = (uint32_t)isrv & 0xF0;
+}
+
+/* LocalApic.ack (INTA, SDM 10.8.4): IRR -> ISR, update PPR. */
+void lapic_ack(struct vcpu *v, int vector)
+{
+	struct lapic *a = &v->apic;
+	/* acq_rel: senders set IRR bytes concurrently; the exchange takes this one. */
+	atomic_exchange_explicit((_Atomic uint8_t *)&a->irr[vector], 0, memory_order_acq_rel);
+	a->isr[vector] = 1;
+	lapic_update_ppr(v);
+	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_INJECTED], 1, memory_order_relaxed);
+}
+
+/* LocalApic.halt_ends_at_once: would a HLT executed now end at once? Events only
+ * Python handles (NMI, INIT) end it; a maskable interrupt only with IF=1. */
+bool lapic_halt_ends_at_once(struct vcpu *v, bool if_flag)
+{
+	/* acquire: pairs with the release store of a Python sender's accept_*(). */
+	if (atomic_load_explicit((_Atomic uint32_t *)&v->apic.r[R_SLOW_EVENTS],
+				 memory_order_acquire))
+		return true;
+	if (if_flag && atomic_load_explicit((_Atomic uint32_t *)&v->apic.r[R_EXTINT],
+					    memory_order_acquire))
+		return true; /* the 8259's INTR (R_EXTINT), injected by Python */
+	return if_flag && lapic_pending_vector(v) >= 0;
+}
+
+/* LocalApic.accept_fixed for a legal vector with edge trigger, then the kick
+ * (ApicBus._deliver: publish, then notify). */
+static void deliver_fixed(struct vcpu *src, struct vcpu *t, int vector, int dm)
+{
+	struct lapic *a = &t->apic;
+	if (src->trace) { /* before the IRR store, as Tracer.send */
+		int flags = 0;
+		if (!a->r[R_SW_ENABLED] || a->r[R_MODE] == APIC_DISABLED)
+			flags = SEND_REJECTED;
+		else if (atomic_load_explicit((_Atomic uint8_t *)&a->irr[vector],
+					      memory_order_relaxed))
+			flags = SEND_COALESCED;
+		trace_rec(src, TR_SEND, t->index, vector | dm << 8 | flags << 12);
+	}
+	if (!a->r[R_SW_ENABLED] || a->r[R_MODE] == APIC_DISABLED) {
+		atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_RX_REJECTED], 1,
+					  memory_order_relaxed);
+		return;
+	}
+	/* TMR before IRR, so the owner never sees the IRR bit with a stale trigger mode;
+	 * relaxed: the release of the IRR store below orders it. */
+	atomic_store_explicit((_Atomic uint8_t *)&a->tmr[vector], 0, memory_order_relaxed);
+	/* release: publishes the interrupt before the kick's seq_cst request store. */
+	atomic_store_explicit((_Atomic uint8_t *)&a->irr[vector], 1, memory_order_release);
+	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_RX_FIXED], 1, memory_order_relaxed);
+	int mode = kvm_vcpu_kick(t, src);
+	if (src->trace)
+		trace_rec(src, TR_KICK, t->index,
+			  mode == IN_GUEST ? (t == src ? KICK_HOW_SELF : KICK_HOW_SIGNAL)
+			  : mode == BLOCKED ? KICK_HOW_WAKE : KICK_HOW_NONE);
+}
+
+/* destination.py match_physical (SDM 10.6.2.1) */
+static bool match_physical(struct vcpu *t, uint32_t dest)
+{
+	struct lapic *a = &t->apic;
+	if (a->r[R_MODE] == APIC_X2APIC)
+		return dest == a->r[R_APIC_ID];
+	return dest == a->r[R_XAPIC_ID];
+}
+
+/* destination.py match_logical (SDM 10.6.2.2, 10.12.10.2) */
+static bool match_logical(struct vcpu *t, uint32_t dest)
+{
+	struct lapic *a = &t->apic;
+	if (a->r[R_MODE] == APIC_X2APIC) {
+		uint32_t ldr = a->r[R_X2APIC_LDR];
+		return (dest >> 16) == (ldr >> 16) && (dest & ldr & 0xFFFF) != 0;
+	}
+	uint32_t logical_id = a->r[R_LDR] >> 24, mda = dest & 0xFF;
+	if ((a->r[R_DFR] >> 28) == DFR_MODEL_FLAT)
+		return (mda & logical_id) != 0;
+	return (mda >> 4) == (logical_id >> 4) && (mda & logical_id & 0xF) != 0;
+}
+
+/* ApicBus._lowest_priority (SDM 10.6.2.4): the focus processor, else the lowest PPR,
+ * ties to the lowest index. Other APICs' PPR is read racily, as on the Python side. */
+static struct vcpu *lowest_priority(struct vcpu *src, int vector, uint32_t dest,
+				    bool broadcast, struct vcpu *skip)
+{
+	struct vm *vm = src->vm;
+	struct vcpu *best = NULL;
+	for (int i = 0; i < vm->nvcpus; i++) {
+		struct vcpu *t = vm->vcpus[i];
+		struct lapic *a = &t->apic;
+		if (t == skip || a->r[R_MODE] == APIC_DISABLED || !a->r[R_SW_ENABLED])
+			continue;
+		if (!broadcast && !match_logical(t, dest))
+			continue;
+		if (!(a->r[R_SVR] & SVR_FOCUS_DISABLED) &&
+		    (atomic_load_explicit((_Atomic uint8_t *)&a->irr[vector], memory_order_relaxed) ||
+		     a->isr[vector]))
+			return t;
+		if (!best || a->r[R_PPR] < best->apic.r[R_PPR])
+			best = t;
+	}
+	return best;
+}
+
+/*
+ * An ICR write of a fixed or lowest-priority IPI with a legal vector, in either mode:
+ * `low` is ICR[31:0] as stored, `dest` ICR[63:32] (x2APIC) or ICR[63:56] (xAPIC).
+ * ApicBus.send_ipi's routing for those modes. Other delivery modes (NMI, INIT, SIPI,
+ * SMI, reserved), an illegal vector (an ESR error) and a VM whose APIC IDs are not
+ * their indexes return NONE with nothing done: Python's slow path sends them.
+ */
+enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest)
+{
+	struct vm *vm = src->vm;
+	struct lapic *sa = &src->apic;
+	int vector = low & 0xFF, dm = (low >> 8) & 7, sh = (low >> 18) & 3;
+	bool x2 = sa->r[R_MODE] == APIC_X2APIC;
+
+	if ((dm != DM_FIXED && dm != DM_LOWEST) || vector < 16)
+		return FASTPATH_NONE;
+	/* relaxed: set once by Python before any vCPU runs, or while renumbering. */
+	if (atomic_load_explicit(&vm->renumbered, memory_order_relaxed))
+		return FASTPATH_NONE;
+	sa->r[R_ICR_LOW] = low;
+	if (x2)
+		sa->r[R_ICR_DEST] = dest;
+	atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_SENT], 1, memory_order_relaxed);
+
+	if (sh == SH_SELF) {
+		deliver_fixed(src, src, vector, dm);
+		return FASTPATH_REENTER_GUEST;
+	}
+	bool logical = low & ICR_DEST_LOGICAL;
+	bool broadcast = sh != SH_NONE || dest == (x2 ? 0xFFFFFFFFu : 0xFFu);
+	if (!broadcast && !logical) {
+		struct vcpu *t = dest < (uint32_t)vm->nvcpus ? vm->vcpus[dest] : NULL;
+		if (t && t->apic.r[R_MODE] != APIC_DISABLED && match_physical(t, dest))
+			deliver_fixed(src, t, vector, dm);
+		else
+			atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_NO_TARGET], 1,
+						  memory_order_relaxed);
+		return FASTPATH_REENTER_GUEST;
+	}
+	struct vcpu *skip = sh == SH_ALL_BUT ? src : NULL;
+	if (dm == DM_LOWEST) {
+		struct vcpu *t = lowest_priority(src, vector, dest, broadcast, skip);
+		if (t)
+			deliver_fixed(src, t, vector, dm);
+		else
+			atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_NO_TARGET], 1,
+						  memory_order_relaxed);
+		return FASTPATH_REENTER_GUEST;
+	}
+	for (int i = 0; i < vm->nvcpus; i++) {
+		struct vcpu *t = vm->vcpus[i];
+		if (t == skip || t->apic.r[R_MODE] == APIC_DISABLED)
+			continue;
+		if (broadcast || match_logical(t, dest))
+			deliver_fixed(src, t, vector, dm);
+	}
+	return FASTPATH_REENTER_GUEST;
+}
+
+/* x2APIC ICR (MSR 0x830), upstream kvm_x2apic_icr_write_fast: reserved bits first,
+ * no side effect on refusal; bit 12 (delivery status) is dropped. */
+enum fastpath lapic_x2apic_icr_write_fast(struct vcpu *v, uint64_t value)
+{
+	if (v->apic.r[R_MODE] != APIC_X2APIC || (value & X2APIC_ICR_RESERVED))
+		return FASTPATH_NONE;
+	return lapic_icr_write_fast(v, (uint32_t)value & 0xFFFFEFFFu, (uint32_t)(value >> 32));
+}
+
+/* SELF IPI (MSR 0x83F, SDM 10.12.11): fixed, edge, to self. */
+enum fastpath lapic_self_ipi_fast(struct vcpu *v, uint64_t value)
+{
+	struct lapic *a = &v->apic;
+	if (a->r[R_MODE] != APIC_X2APIC || (value & ~0xFFull) || value < 16)
+		return FASTPATH_NONE;
+	if (atomic_load_explicit(&v->vm->renumbered, memory_order_relaxed))
+		return FASTPATH_NONE;
+	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_SELF_IPI], 1, memory_order_relaxed);
+	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_IPI_SENT], 1, memory_order_relaxed);
+	deliver_fixed(v, v, (int)value, DM_FIXED);
+	return FASTPATH_REENTER_GUEST;
+}
+
+/* LocalApic.eoi_fast: EOI of an edge-triggered vector; a level-triggered one (TMR
+ * set) must reach the I/O APIC, and an EOI with nothing in service is counted by
+ * Python: both NONE, nothing done. */
+enum fastpath lapic_eoi_fast(struct vcpu *v)
+{
+	struct lapic *a = &v->apic;
+	int vector = lapic_highest(a->isr);
+	/* relaxed: TMR of an in-service vector was written before its IRR bit, which the
+	 * owner took with acquire in lapic_ack. */
+	if (vector < 0 || a->r[R_MODE] == APIC_DISABLED ||
+	    atomic_load_explicit((_Atomic uint8_t *)&a->tmr[vector], memory_order_relaxed))
+		return FASTPATH_NONE;
+	a->isr[vector] = 0;
+	lapic_update_ppr(v);
+	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_EOI], 1, memory_order_relaxed);
+	trace_rec(v, TR_EOI, vector, 0);
+	return FASTPATH_REENTER_GUEST;
+}
+
