@@ -196,3 +196,27 @@ def test_power_on_every_input_is_masked_until_programmed() -> None:
     pc.pic.set_irq(0, False)
     pc.pic.set_irq(0, True)
     assert pc.pic.output and pc.pic.acknowledge() == 0x08
+
+
+def test_the_native_cores_extint_word_follows_intr_and_lint0() -> None:
+    from kvmpy import _core as nc
+    from kvmpy.apic import ApicBus, LocalApic
+    from kvmpy.apic import constants as c
+    from kvmpy.apic.testing import FakeClock
+
+    clock = FakeClock()
+    bsp = LocalApic(0, ApicBus(lambda i: None), bsp=True, clock_ns=clock.ns, tsc=clock.tsc,
+                    tsc_at=clock.tsc_at, tsc_hz=clock.tsc_hz, lint0_extint_at_reset=True)
+    ap = LocalApic(1, ApicBus(lambda i: None), bsp=False, clock_ns=clock.ns, tsc=clock.tsc,
+                   tsc_at=clock.tsc_at, tsc_hz=clock.tsc_hz)
+    assert bsp.lvt(c.LVT_LINT0) == 0x700 and ap.lvt(c.LVT_LINT0) == c.LVT_MASKED
+    for apic in (bsp, ap):
+        apic.set_extint_line(True)
+    assert bsp._r[nc.R_EXTINT] == 1 and ap._r[nc.R_EXTINT] == 0  # the AP's LINT0 is masked
+    bsp.mmio_write(c.REG_SVR, 4, 0xFF)  # software-disable: every LVT masked, ExtINT too
+    assert not bsp.accepts_pic_interrupts() and bsp._r[nc.R_EXTINT] == 0
+    bsp.mmio_write(c.REG_SVR, 4, c.SVR_APIC_ENABLED | 0xFF)
+    bsp.mmio_write(c.REG_LVT_LINT0, 4, 0x700)
+    assert bsp._r[nc.R_EXTINT] == 1
+    bsp.set_extint_line(False)
+    assert bsp._r[nc.R_EXTINT] == 0
