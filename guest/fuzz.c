@@ -11,7 +11,9 @@
  * TSC_DEADLINE (0x6e0) reads and writes; xAPIC page reads and writes (any offset, sizes
  * 1/2/4, at the relocated base too), and reads of the page outside xAPIC mode (all ones);
  * IN/OUT of sizes 1/2/4 and REP INS/OUTS to random ports (never 0xf4-0xf7, the exit port,
- * nor COM1); reads (all ones) and writes of unclaimed MMIO 0xd0000000-0xfebfffff; random
+ * nor COM1, nor the PICs 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1, which would let the timer's
+ * IRQ 0 in at vector 8); reads (all ones) and writes of unclaimed MMIO
+ * 0xd0000000-0xfebfffff; random
  * ICR values (reserved bits, illegal vectors 0-15, every delivery mode and shorthand);
  * NMIs; self-IPIs; LVT and timer programming (one-shot, periodic, TSC-deadline); TPR;
  * reads of random other MSRs; the I/O APIC at 0xfec00000: raw accesses anywhere in its
@@ -701,8 +703,10 @@ static u16 random_port(u32 r)
 
     if ((r >> 16) & 1)
         port &= 0x3ff;                          /* the legacy ISA range, more devices */
-    if ((port >= 0xf0 && port < 0xf8) || (port >= 0x3f0 && port < 0x400))
-        port ^= 0x100;                          /* never the exit port, never COM1 */
+    if ((port >= 0xf0 && port < 0xf8) || (port >= 0x3f0 && port < 0x400)
+        || (port & ~0x81) == 0x20 || (port & ~1) == 0x4d0)
+        port ^= 0x100;                          /* never the exit port, never COM1, */
+                                                /* never the PICs (the timer's IRQ 0) */
     return port;
 }
 

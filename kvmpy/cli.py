@@ -206,6 +206,8 @@ def cmd_run(args: argparse.Namespace,
         config.serial = serial_file
     try:
         with Machine(config) as machine:
+            for warning in machine.cpuid.warnings:
+                print(f"kvmpy: warning: {warning}", file=sys.stderr)
             machine.load(image, flat=args.flat, name=str(image_path))
             tracer = _attach_tracer(machine, args) if args.trace else None
 

@@ -37,21 +37,35 @@ def decode(code: bytes, address: int, mode: int) -> str:
     return "undecodable bytes " + code[:8].hex(" ")
 
 
-def describe(vcpu: Vcpu) -> str:
-    """'RIP=... (32-bit protected mode): <instruction>' for a stopped vCPU."""
-    try:
-        regs = vcpu.fd.get_regs()
-        sregs = vcpu.fd.get_sregs()
-    except OSError as e:
-        return f"registers unavailable ({e.strerror})"
+def code_at_rip(vcpu: Vcpu) -> tuple[str, int, int, bytes | None]:
+    """(where, RIP, capstone mode, up to 15 code bytes at RIP, or None if not in RAM)."""
+    regs = vcpu.fd.get_regs()
+    sregs = vcpu.fd.get_sregs()
     name, mode = cpu_mode(sregs.cr0, sregs.efer, sregs.cs.db, sregs.cs.l)
     linear = (sregs.cs.base + regs.rip) & 0xFFFF_FFFF_FFFF_FFFF
     where = f"RIP={regs.rip:#x} CS={sregs.cs.selector:#x} ({name})"
     phys = linear if not sregs.cr0 & (1 << 31) else vcpu.fd.translate(linear)
     memory = vcpu.machine.memory
     if phys is None or not memory.is_ram(phys, 1):
-        return f"{where}: RIP is not in guest RAM"
+        return where, regs.rip, mode, None
     length = 15
     while length and not memory.is_ram(phys, length):
         length -= 1
-    return f"{where}: {decode(memory.read(phys, length), regs.rip, mode)}"
+    return where, regs.rip, mode, memory.read(phys, length)
+
+
+def describe(vcpu: Vcpu) -> str:
+    """'RIP=... (32-bit protected mode): <instruction>' for a stopped vCPU."""
+    try:
+        where, rip, mode, code = code_at_rip(vcpu)
+    except OSError as e:
+        return f"registers unavailable ({e.strerror})"
+    if code is None:
+        return f"{where}: RIP is not in guest RAM"
+    return f"{where}: {decode(code, rip, mode)}"
+
+
+def is_invalid_opcode(code: bytes, address: int, mode: int) -> bool:
+    """True if `code` starts with no x86 instruction (capstone finds none)."""
+    md = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    return next(md.disasm(code, address), None) is None

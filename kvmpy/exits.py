@@ -289,8 +289,41 @@ def handle_internal_error(vcpu: Vcpu, exit: Exit) -> None:
         k.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
         k.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected hardware exit reason",
     }
+    if internal.suberror == k.KVM_INTERNAL_ERROR_EMULATION and invalid_opcode_to_ud(vcpu):
+        return
     what = names.get(internal.suberror, f"suberror {internal.suberror}")
     vcpu.machine.guest_crash(vcpu, f"KVM internal error: {what}")
+
+
+def invalid_opcode_to_ud(vcpu: Vcpu) -> bool:
+    """KVM's emulator failed on bytes that are no instruction at all: inject #UD.
+
+    On kvm_pvm every CPL0 instruction goes through KVM's emulator, and KVM hands an
+    emulation failure at CPL0 to the VMM (x86.c handle_emulation_failure) instead of
+    guessing. Where capstone finds no instruction at RIP either, the architectural
+    answer is an invalid-opcode exception (SDM Vol. 3A 6.15, "Interrupt 6"), as the CPU
+    (or KVM itself, at CPL>0) would give. A real instruction the emulator cannot run
+    (SSE, XSAVE, ...) still stops the VM with the diagnostic."""
+    from kvmpy.diagnose import code_at_rip, is_invalid_opcode
+
+    try:
+        _, rip, mode, code = code_at_rip(vcpu)
+    except OSError:
+        return False
+    if code is None or not is_invalid_opcode(code, rip, mode):
+        return False
+    events = vcpu.fd.get_vcpu_events()
+    events.exception.injected = 1
+    events.exception.nr = UD_VECTOR
+    events.exception.has_error_code = 0
+    events.exception.pending = 0
+    events.flags = 0
+    vcpu.fd.set_vcpu_events(events)
+    vcpu.stats.invalid_opcodes += 1
+    return True
+
+
+UD_VECTOR = 6
 
 
 def handle_fail_entry(vcpu: Vcpu, exit: Exit) -> None:

@@ -24,6 +24,8 @@ class GuestInfo:
 
 
 CATALOG: dict[str, GuestInfo] = {
+    "acpi": GuestInfo("reads the ACPI tables as an OS does, starts the CPUs the MADT lists; "
+                      "test=s3 sleeps and wakes on the RTC alarm", 2),
     "apic_gp": GuestInfo("the architectural #GP cases of x2APIC MSRs and IA32_APIC_BASE, "
                          "and ESR's send-illegal-vector bit"),
     "apic_ipi": GuestInfo("exact per-CPU, per-vector IPI counts: physical, logical, "
@@ -38,6 +40,8 @@ CATALOG: dict[str, GuestInfo] = {
                       "every CPU (python -m kvmpy.fuzz drives it)", 2, "seed=1 ops=500"),
     "gp_msr": GuestInfo("reads and writes a nonexistent MSR and prints the #GP it got"),
     "hello": GuestInfo("prints a greeting and its command line"),
+    "invalid_opcode": GuestInfo("runs bytes that are no instruction and expects #UD "
+                                "(kvmpy injects it where KVM's emulator gives up)"),
     "ioapic_irq": GuestInfo("the I/O APIC driven through pc-testdev's lines: edge, level, "
                             "masks, exact counts", 4),
     "ipi_bench": GuestInfo("IPI latencies by the guest's TSC (kvmpy bench ipi); "
@@ -52,6 +56,8 @@ CATALOG: dict[str, GuestInfo] = {
     "smp_hello": GuestInfo("every vCPU prints its index and APIC ID", 4, "cpus=4"),
     "trace_ipi": GuestInfo("a short, exactly counted IPI and timer workload to look at "
                            "with --trace", 2, "n=20 timer=5"),
+    "tsc_adjust_probe": GuestInfo("writes IA32_TSC_ADJUST and IA32_TSC and prints how far "
+                                  "the TSC moved (docs/conformance-suite.md)", 1),
     "triple_fault": GuestInfo("an empty IDT and UD2: a triple fault (exit status 4)"),
 }
 

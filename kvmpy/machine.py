@@ -25,24 +25,37 @@ from kvmpy.acpi import platform as acpi_platform
 from kvmpy.apic import ApicBus, LocalApic
 from kvmpy.apic.ioapic import IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, IoApic
 from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
+from kvmpy.boot.bios import setup_bios_state
 from kvmpy.boot.cpu import setup_protected_mode, setup_real_mode_sipi, write_boot_gdt
 from kvmpy.bus import Bus
-from kvmpy.cpuid import guest_cpuid
-from kvmpy.cpumodel import HOST, CpuModel
+from kvmpy.cpuid import plan_cpuid, vcpu_cpuid
+from kvmpy.cpumodel import HOST, CpuModel, check_host
 from kvmpy.devices import DebugExit, FwCfg, Pit8254, Serial16550, SystemControlB
+from kvmpy.devices.i8259 import (
+    PIC_ELCR_BASE,
+    PIC_MASTER_BASE,
+    PIC_SLAVE_BASE,
+    ElcrPorts,
+    Pic8259Pair,
+    PicPorts,
+)
 from kvmpy.devices.irq import IrqRouter, isa_gsi
 from kvmpy.devices.pc_testdev import (
     PC_TESTDEV_BASE,
+    PC_TESTDEV_IOMEM_BASE,
+    PC_TESTDEV_IOMEM_LENGTH,
     PC_TESTDEV_IRQ_BASE,
     PC_TESTDEV_IRQ_LINES,
     PC_TESTDEV_LENGTH,
     PcTestdev,
+    PcTestdevIomem,
     PcTestdevIrq,
 )
 from kvmpy.devices.pit_irq import PitIrq0
 from kvmpy.errors import ImageError, KvmpyError
 from kvmpy.kvm import Kvm, VcpuFd
 from kvmpy.kvm import ioctls as k
+from kvmpy.kvm import run as kr
 from kvmpy.memory import GuestMemory
 from kvmpy.timers import TimerCallback, TimerService
 from kvmpy.trace import ExitStats
@@ -138,6 +151,7 @@ class Machine:
         self.kvm = kvm or Kvm.open(config.kvm_path)
         self._own_kvm = kvm is None
         self.kvm.require_caps()
+        check_host(config.cpu, has_hyperv=self.kvm.check_extension(k.KVM_CAP_HYPERV) > 0)
         self.stopping = False
         self.exit_lock = threading.Lock()  # the srcu_read_lock analogue (DESIGN.md)
         self._result: VmResult | None = None
@@ -165,12 +179,12 @@ class Machine:
             self._setup_devices()
             self.apic_bus = ApicBus(self._notify_vcpu)
             self.vcpus: list[Vcpu] = []
-            supported = self.kvm.supported_cpuid()
-            maxphyaddr = next((e.eax & 0xFF for e in supported if e.function == 0x80000008),
-                              36)
+            self.cpuid = plan_cpuid(self.kvm.supported_cpuid(), config.cpu,
+                                    irqchip=config.irqchip, backend=self.kvm.backend)
+            maxphyaddr = self.cpuid.maxphyaddr
             for i in range(config.cpus):
                 fd = self.vm.create_vcpu(i)
-                fd.set_cpuid(guest_cpuid(supported, i, config.cpus, config.cpu))
+                fd.set_cpuid(vcpu_cpuid(self.cpuid, i, config.cpus))
                 self.tsc_hz = fd.get_tsc_khz() * 1000
                 apic: LocalApic | None = None
                 if not self.kernel_irqchip:
@@ -180,6 +194,7 @@ class Machine:
                         tsc=tsc, tsc_at=tsc_at, tsc_hz=self.tsc_hz, maxphyaddr=maxphyaddr,
                         x2apic_supported=config.cpu.x2apic,
                         tsc_deadline_supported=config.cpu.tsc_deadline,
+                        lint0_extint_at_reset=(i == 0),
                     )
                     fd_sregs = fd.get_sregs()  # KVM's view of IA32_APIC_BASE starts as ours
                     fd_sregs.apic_base = apic.apic_base
@@ -249,6 +264,7 @@ class Machine:
         bus, EOIs from the APIC bus) or KVM's (KVM_IRQ_LINE); pc-testdev and COM1 (GSI 4)
         drive them, and with kvmpy's the PIT's OUT0 drives ISA IRQ 0 (GSI 2)."""
         self.ioapic: IoApic | None = None
+        self.pic: Pic8259Pair | None = None
         self.pit_irq0: PitIrq0 | None = None
         if self.kernel_irqchip:
             self.irq = IrqRouter(self.vm.irq_line)
@@ -256,7 +272,11 @@ class Machine:
             self.ioapic = IoApic(self.apic_bus, defer=self._defer_ioapic)
             self._ioapic_retry = TimerCallback(self.ioapic.service_deferred)
             self.mmio_bus.register(IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, self.ioapic)
-            self.irq = IrqRouter(self.ioapic.set_irq)
+            self.pic = Pic8259Pair(self._pic_output)
+            self.pio_bus.register(PIC_MASTER_BASE, 2, PicPorts(self.pic, 0))
+            self.pio_bus.register(PIC_SLAVE_BASE, 2, PicPorts(self.pic, 1))
+            self.pio_bus.register(PIC_ELCR_BASE, 2, ElcrPorts(self.pic))
+            self.irq = IrqRouter(self._set_gsi)
         if not self.kernel_irqchip and self.config.pit:
             self.pit_irq0 = PitIrq0(self.pit, self.irq.line(isa_gsi(0)), self._arm_pit,
                                     time.monotonic_ns)
@@ -267,6 +287,23 @@ class Machine:
         self.pio_bus.register(PC_TESTDEV_BASE, PC_TESTDEV_LENGTH, self.pc_testdev)
         self.pio_bus.register(PC_TESTDEV_IRQ_BASE, PC_TESTDEV_IRQ_LINES,
                               PcTestdevIrq(self.irq))
+        self.mmio_bus.register(PC_TESTDEV_IOMEM_BASE, PC_TESTDEV_IOMEM_LENGTH, PcTestdevIomem())
+
+    def _set_gsi(self, gsi: int, level: bool) -> None:
+        """A GSI line: to the I/O APIC pin, and ISA IRQs also to the 8259 (QEMU's
+        gsi_handler; GSI 2 is ISA IRQ 0, the PIC's IRQ 2 is the cascade)."""
+        self.ioapic.set_irq(gsi, level)
+        if gsi < 16:
+            self.pic.set_irq(0 if gsi == 2 else gsi, level)
+
+    def _pic_output(self, level: bool) -> None:
+        """The 8259's INTR changed: every APIC learns it (R_EXTINT for the native core),
+        and a vCPU whose APIC takes it (LINT0 ExtINT) must look."""
+        for vcpu in getattr(self, "vcpus", ()):
+            if vcpu.apic is not None:
+                vcpu.apic.set_extint_line(level)
+                if level and vcpu.apic.accepts_pic_interrupts():
+                    vcpu.kick()
 
     def _arm_pit(self, deadline_ns: int) -> None:
         self.timers.arm(self._pit_timer, deadline_ns)
@@ -283,9 +320,10 @@ class Machine:
         the multiboot command line, as QEMU does: kvm-unit-tests reads argv[0] there."""
         mem = self.memory
         cfg = self.config
-        if flat:
+        if flat:  # a raw binary: no BIOS ran before it
             boot = load_flat(mem, image)
         elif is_multiboot(image):
+            setup_bios_state(mem, self.pic)  # first: where the image overlaps it, it wins
             modules = [(cfg.initrd, cfg.initrd_name)] if cfg.initrd is not None else []
             boot = load_multiboot(mem, image, cmdline=cfg.cmdline, modules=modules,
                                   kernel_name=name)
@@ -516,6 +554,10 @@ class Machine:
             return False
         if self.ioapic is not None and self.ioapic.deferred:
             return False  # a storm-delayed level interrupt is on its way
+        bsp = self.vcpus[0]
+        if self.pic is not None and self.pit_irq0 is not None and not self.pic.masked(0) \
+                and bsp.view.u8[kr.IF_FLAG] and bsp.apic.accepts_pic_interrupts():
+            return False  # the PIT ticks through the 8259 to the BSP, which can take it
         if self.acpi is not None and self.acpi.sleep.can_wake():
             return False  # asleep in S3 with the RTC alarm armed to wake it
         for vcpu in self.vcpus:

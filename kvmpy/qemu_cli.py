@@ -49,9 +49,13 @@ import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvmpy import __version__
 from kvmpy.errors import KvmpyError
+
+if TYPE_CHECKING:
+    from kvmpy.cpumodel import CpuModel
 
 PROG = "kvmpy-qemu"
 STATUS_USAGE = 2
@@ -268,7 +272,7 @@ def parse(argv: Sequence[str]) -> QemuArgs | str:
         elif opt == "cpu":
             from kvmpy.cpumodel import parse_cpu
 
-            parse_cpu(value)  # refuse a bad model before the kernel is looked at
+            _check_cpu(parse_cpu(value))  # refuse a bad model before the kernel
             q.cpu = value
         elif opt == "device":
             _device(q, value)
@@ -287,6 +291,25 @@ def parse(argv: Sequence[str]) -> QemuArgs | str:
                 raise UsageError(f"-display {value}: not implemented (kvmpy has no display)")
         # "name": a label only
     return q
+
+
+def _check_cpu(model: CpuModel) -> None:
+    """Refuse what this host's KVM cannot give the model (hv-passthrough) here, so that
+    the runner's probe run sees it and skips the test with that line."""
+    if not model.hv_passthrough:
+        return
+    from kvmpy.cpumodel import check_host
+    from kvmpy.kvm import Kvm
+    from kvmpy.kvm import ioctls as k
+
+    try:
+        kvm = Kvm.open()
+    except KvmpyError:
+        return  # no KVM at all: the run says so
+    try:
+        check_host(model, has_hyperv=kvm.check_extension(k.KVM_CAP_HYPERV) > 0)
+    finally:
+        kvm.close()
 
 
 def _query(opt: str, value: str) -> str | None:

@@ -99,6 +99,7 @@ class ExitStats:
         self.kick_time = Histogram()
         self.wake_time = Histogram()
         self.smi_dropped = 0
+        self.invalid_opcodes = 0  # emulation failures on no instruction: #UD injected
         # Halts: how many ended inside the polling window (no sleep), how many slept.
         self.halt_poll_success = 0
         self.halt_slept = 0
@@ -128,6 +129,7 @@ class ExitStats:
         self.kick_time.merge(other.kick_time)
         self.wake_time.merge(other.wake_time)
         self.smi_dropped += other.smi_dropped
+        self.invalid_opcodes += other.invalid_opcodes
         self.halt_poll_success += other.halt_poll_success
         self.halt_slept += other.halt_slept
 

@@ -329,10 +329,14 @@ class Vcpu:
             self.stats.smi_dropped += 1  # no SMM is modelled: an SMI is counted and dropped
         apic.slow_events_left()
         vector = apic.pending_vector()
-        if vector is None:
+        extint = self.extint_pending()
+        if vector is None and not extint:
             u8[kr.REQUEST_INTERRUPT_WINDOW] = 0
         elif u8[kr.READY_FOR_INJECTION] and u8[kr.IF_FLAG]:
-            apic.ack(vector)
+            if extint:  # the 8259 before the APIC (KVM's kvm_cpu_get_interrupt)
+                vector = self.machine.pic.acknowledge()
+            else:
+                apic.ack(vector)
             if self.tracer is not None:
                 # before the ioctl, which releases the GIL: a send recorded after this
                 # (during the ioctl) is one the injection cannot be for
@@ -355,6 +359,12 @@ class Vcpu:
         if cr8 != self._cr8:
             apic.set_cr8(cr8)
             self._cr8 = cr8
+
+    def extint_pending(self) -> bool:
+        """Is the 8259's INTR up, and does this vCPU's APIC take it (LINT0 ExtINT)?
+        KVM's kvm_cpu_has_extint."""
+        pic = getattr(self.machine, "pic", None)
+        return pic is not None and pic.output and self.apic.accepts_pic_interrupts()
 
     def after_apic_write(self) -> None:
         """After a guest write to an APIC register (slow path): re-arm the host timer
@@ -390,7 +400,7 @@ class Vcpu:
             self.sync_timer()
         if self.state is VcpuState.WAIT_FOR_SIPI:
             return apic.has_pending_events()
-        if not apic.init_pending and apic.halt_ends_at_once(bool(self.view.u8[kr.IF_FLAG])):
+        if not apic.init_pending and self.wakeup_pending_at_hlt():
             return True  # the common wake-up first, without the full check below
         # HLT with IF=0 sleeps until NMI/INIT/SMI; a maskable interrupt wakes it only
         # if it could be taken (the IF flag as of the HLT exit).
@@ -513,7 +523,8 @@ class Vcpu:
     def wakeup_pending_at_hlt(self) -> bool:
         """The HLT fastpath's test: an event that ends the halt at once (IF as of the
         exit)."""
-        return self.apic.halt_ends_at_once(bool(self.view.u8[kr.IF_FLAG]))
+        if_flag = bool(self.view.u8[kr.IF_FLAG])
+        return self.apic.halt_ends_at_once(if_flag) or (if_flag and self.extint_pending())
 
     def halt(self) -> None:
         """KVM_EXIT_HLT: no in-kernel irqchip, so the halt is ours to implement."""

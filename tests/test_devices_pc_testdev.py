@@ -14,10 +14,13 @@ from kvmpy.bus import Bus
 from kvmpy.devices.irq import IrqRouter, isa_gsi
 from kvmpy.devices.pc_testdev import (
     PC_TESTDEV_BASE,
+    PC_TESTDEV_IOMEM_BASE,
+    PC_TESTDEV_IOMEM_LENGTH,
     PC_TESTDEV_IRQ_BASE,
     PC_TESTDEV_IRQ_LINES,
     PC_TESTDEV_LENGTH,
     PcTestdev,
+    PcTestdevIomem,
     PcTestdevIrq,
 )
 from kvmpy.memory import PAGE_SIZE, GuestMemory
@@ -181,3 +184,31 @@ def test_timer_callback_runs_on_the_timer_thread() -> None:
     finally:
         timers.stop()
     assert where == ["kvmpy-timers"]
+
+
+# ---------------------------------------------------------------- iomem (0xff000000)
+
+
+def test_iomem_reads_back_what_was_written_at_every_size() -> None:
+    bus = Bus("mmio")
+    bus.register(PC_TESTDEV_IOMEM_BASE, PC_TESTDEV_IOMEM_LENGTH, PcTestdevIomem())
+    base = PC_TESTDEV_IOMEM_BASE
+    assert bus.read(base, 8) == 0  # zero at power-up, not the unclaimed all ones
+    bus.write(base, 8, 0x1122334455667788)
+    assert bus.read(base, 8) == 0x1122334455667788
+    assert [bus.read(base + i, 1) for i in range(8)] == [0x88, 0x77, 0x66, 0x55, 0x44,
+                                                         0x33, 0x22, 0x11]
+    assert bus.read(base + 2, 2) == 0x5566 and bus.read(base + 4, 4) == 0x11223344
+    bus.write(base + 3, 2, 0xAABB)  # an unaligned word inside: little endian, in place
+    assert bus.read(base, 8) == 0x112233AABB667788
+    bus.write(base + 0xFFF0, 4, 0xDEADBEEF)  # the last page: the whole 64 KiB is there
+    assert bus.read(base + 0xFFF0, 4) == 0xDEADBEEF
+    assert bus.read(base + PC_TESTDEV_IOMEM_LENGTH, 1) == 0xFF  # past the end: unclaimed
+
+
+def test_iomem_access_past_its_end_is_cut_off() -> None:
+    dev = PcTestdevIomem()
+    dev.write(PC_TESTDEV_IOMEM_LENGTH - 2, 4, 0xAABBCCDD)
+    assert dev.read(PC_TESTDEV_IOMEM_LENGTH - 2, 4) == 0xCCDD
+    dev.write(PC_TESTDEV_IOMEM_LENGTH, 1, 1)  # nothing there, nothing raised
+    assert dev.read(-1, 4) == 0 and dev.read(0, 0) == 0

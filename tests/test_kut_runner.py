@@ -136,6 +136,15 @@ def test_ioapic_fails_only_what_the_host_fails(kvmpy_qemu: Path, tmp_path: Path)
     assert len(subtests(logs, "ioapic", "PASS")) >= 20
 
 
+def test_realmode_lam_rdpru_pass_and_asyncpf_skips(kvmpy_qemu: Path, tmp_path: Path) -> None:
+    # realmode: its multiboot info after the kernel and its `sti; hlt` woken by the PIT
+    # through the 8259; lam: pc-testdev's I/O RAM; rdpru: #UD for no instruction;
+    # asyncpf: KVM's async PF needs its in-kernel APIC, so kvmpy does not offer it.
+    results, _ = run_tests(kvmpy_qemu, tmp_path, "realmode", "lam", "rdpru", "asyncpf")
+    assert {t: v for t, (v, _) in results.items()} == {
+        "realmode": "PASS", "lam": "PASS", "rdpru": "PASS", "asyncpf": "SKIP"}, results
+
+
 def test_s3_and_the_pm_timer_through_the_runner(kvmpy_qemu: Path, tmp_path: Path) -> None:
     """s3.flat finds the FACS and FADT, sleeps through PM1a_CNT and is woken by the RTC
     alarm into its real-mode waking vector (which exits 0: PASS); vmexit's

@@ -387,3 +387,36 @@ def test_flat_errors() -> None:
     with pytest.raises(ImageError, match="below 4 GiB"):
         load_flat(mem, b"xy", load_address=0xFFFF_FFFF)
     assert mem.read(0x100000, 4) == b"\xaa" * 4
+
+
+def test_info_goes_after_a_kernel_that_occupies_0x9000(mem: GuestMemory) -> None:
+    # kvm-unit-tests' realmode.flat: text at 0x8000, data and bss up to 0xda30. QEMU's
+    # MBI address 0x9000 is inside it; the info goes on the page after the kernel, the
+    # module after that, and the kernel's bytes are intact.
+    text, data = bytes(range(256)) * 0x10, b"d" * 0x800  # (elf32 keeps each < 4 KiB)
+    image = elf32([(0x8000, text, 0x286C), (0xB000, data, 0x2A30)])
+    env = b"TEST_DEVICE=0\n"
+    info = load_multiboot(mem, image, cmdline="x", modules=[(env, "env")], kernel_name="rm")
+    assert info.ebx == 0xE000
+    mbi = decode_mbi(mem, info.ebx)
+    assert mbi["cmdline"] == "rm x" and mbi["mmap"][0][0] == 0
+    ((start, end, name),) = mbi["mods"]
+    assert start == 0xF000 and mem.read(start, end - start) == env and name == "env"
+    assert mem.read(0x8000, len(text)) == text and mem.read(0xB000, len(data)) == data
+    assert mem.read(0x9000, 0x100) == bytes(0x100)  # the kernel's zeroed tail, not info
+    assert mem.read(0xB000 + len(data), 0x2A30 - len(data)) == bytes(0x2A30 - len(data))
+
+
+def test_a_kernel_below_0x9000_leaves_the_info_there(mem: GuestMemory) -> None:
+    info = load_multiboot(mem, elf32([(0x1000, b"k" * 0x100, 0x100)]), cmdline="c")
+    assert info.ebx == 0x9000 and decode_mbi(mem, 0x9000)["cmdline"] == "c"
+
+
+def test_no_room_after_a_kernel_at_the_end_of_ram_is_one_clear_error() -> None:
+    small = filled_memory(2 * MiB)
+    try:
+        image = elf32([(0x8000, b"k", 0x200000 - 0x8000)])  # 0x8000 to the end of RAM
+        expect_error("no room for the multiboot information: the kernel covers 0x9000 and "
+                     "ends at 0x200000, the end of RAM", small, image)
+    finally:
+        small.close()

@@ -99,7 +99,7 @@ def test_layout_constants_agree_with_python() -> None:
     assert len(set(q_words)) == len(q_words) and max(q_words) < nc.Q_NWORDS
     r_words = [nc.R_TPR, nc.R_PPR, nc.R_MODE, nc.R_SW_ENABLED, nc.R_APIC_ID, nc.R_XAPIC_ID,
                nc.R_LDR, nc.R_DFR, nc.R_X2APIC_LDR, nc.R_SVR, nc.R_ICR_LOW, nc.R_ICR_DEST,
-               nc.R_SLOW_EVENTS, nc.R_CR8]
+               nc.R_SLOW_EVENTS, nc.R_CR8, nc.R_EXTINT]
     assert sorted(r_words) == list(range(nc.R_NWORDS))
     # Statistics: the per-reason arrays and the scalars fit below the histograms, the
     # histograms are trace.py's, and the buffer Vcpu allocates is S_NWORDS words.

@@ -156,3 +156,12 @@ def test_missing_kvm_device_is_one_clear_error() -> None:
 
     with pytest.raises(KvmUnavailable, match="/nonexistent/kvm does not exist"):
         Machine(MachineConfig(kvm_path="/nonexistent/kvm"))
+
+
+def test_no_instruction_at_rip_raises_invalid_opcode() -> None:
+    # guest/invalid_opcode.c: 0f 38 f0 c0 is no instruction. On kvm_pvm KVM's emulator
+    # gives up on it (KVM_EXIT_INTERNAL_ERROR) and kvmpy injects #UD; on hardware the
+    # CPU raises it. Either way the guest sees vector 6 at that instruction.
+    r = kvmpy("run", str(build_guest("invalid_opcode")))
+    assert "invalid_opcode: vector 6 at the instruction" in r.stdout, (r.stdout, r.stderr)
+    assert r.returncode == 1 and r.stderr == ""

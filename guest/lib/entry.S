@@ -21,6 +21,9 @@
 _start:
     cli
     cld
+    movb $0xff, %al                 /* mask both 8259 PICs: the BIOS state kvmpy sets */
+    outb %al, $0x21                 /* up leaves the timer unmasked, and our guests use */
+    outb %al, $0xa1                 /* the APICs only (kvm-unit-tests' cstart does this) */
     movl %ebx, %esi                 /* multiboot info, kept in ESI */
     lgdtl gdt_descr
     ljmpl $KVMPY_CODE_SEL, $1f      /* reload CS from our own GDT */

@@ -138,6 +138,7 @@ class LocalApic:
         x2apic_supported: bool = True,
         tsc_deadline_supported: bool = True,
         min_periodic_ns: int = 0,
+        lint0_extint_at_reset: bool = False,
     ) -> None:
         # The register words shared with the native core (see the module docstring).
         self.regs = bytearray(nc.REGS_BYTES)
@@ -162,6 +163,11 @@ class LocalApic:
         self.tsc_deadline_supported = tsc_deadline_supported
         self.index = -1  # set by ApicBus.add
         self.x2apic_ldr = x2apic_ldr(apic_id)
+        # KVM's KVM_X86_QUIRK_LINT0_REENABLED (kvm_lapic_reset) and QEMU's
+        # apic_reset_common: the BSP's LVT LINT0 resets to ExtINT, unmasked, so the
+        # 8259's interrupts reach it before any software programs the APIC.
+        self.lint0_extint_at_reset = lint0_extint_at_reset
+        self._extint_line = False  # the 8259's INTR as last told (set_extint_line)
         self._r[nc.R_X2APIC_LDR] = self.x2apic_ldr
         # Called with the vector on the EOI of a level-triggered interrupt (TMR set):
         # the VMM may forward it to the IOAPIC (SDM 10.8.5). Runs on the owner's thread.
@@ -234,6 +240,9 @@ class LocalApic:
             self._esr_pending = 0
         for i in range(c.LVT_COUNT):
             self._lvt[i] = c.LVT_MASKED
+        if self.lint0_extint_at_reset:
+            self._lvt[c.LVT_LINT0] = c.DM_EXTINT << 8
+        self._sync_extint()
         self.timer.reset()
 
     # ================================================================ counters
@@ -300,6 +309,7 @@ class LocalApic:
             self._reset_registers()
             self.xapic_id = self.apic_id & 0xFF
         self.mode = new
+        self._sync_extint()  # a globally disabled APIC takes the 8259's INTR
         # xAPIC -> x2APIC (SDM 10.12.5.1): the ID reads as the x2APIC ID and the LDR is
         # derived from it (both computed on read); DFR and ICR high vanish.
 
@@ -515,6 +525,7 @@ class LocalApic:
         if not enabled:
             for i in range(c.LVT_COUNT):
                 self._lvt[i] |= c.LVT_MASKED
+            self._sync_extint()
         if enabled != self.sw_enabled:
             self._stats["sw_enable" if enabled else "sw_disable"] += 1
         self.sw_enabled = enabled
@@ -531,6 +542,8 @@ class LocalApic:
             value &= ~_LVT_TIMER_DEADLINE_BIT
         if index != c.LVT_TIMER:
             self._lvt[index] = value
+            if index == c.LVT_LINT0:
+                self._sync_extint()
             return
         now = self.clock_ns()
         self._timer_catch_up(now)  # under the old LVT: vector, mask and mode
@@ -541,6 +554,27 @@ class LocalApic:
     def lvt(self, index: int) -> int:
         """Current value of LVT entry ``index`` (LVT_TIMER .. LVT_ERROR)."""
         return self._lvt[index]
+
+    def set_extint_line(self, level: bool) -> None:
+        """The 8259's INTR went to `level` (any thread): R_EXTINT tells the native core
+        whether an ExtINT is there for this CPU (vcpu_loop.c hands it to Python)."""
+        self._extint_line = level
+        self._sync_extint()
+
+    def _sync_extint(self) -> None:
+        """R_EXTINT = INTR up and taken (after LINT0, SVR, mode changes and resets)."""
+        line = getattr(self, "_extint_line", False)  # _reset_registers runs in __init__
+        self._r[nc.R_EXTINT] = 1 if line and self.accepts_pic_interrupts() else 0
+
+    def accepts_pic_interrupts(self) -> bool:
+        """Does the 8259's INTR reach this CPU? KVM's kvm_apic_accept_pic_intr: when the
+        APIC is globally disabled (SDM 10.4.3: LINT0 is then the INTR pin), or LVT LINT0
+        is unmasked with delivery mode ExtINT (SDM 10.5.1). Like KVM and QEMU, the
+        software-enable bit is not consulted."""
+        if self.mode is _DISABLED:
+            return True
+        lint0 = self._lvt[c.LVT_LINT0]
+        return not lint0 & c.LVT_MASKED and (lint0 >> 8) & 7 == c.DM_EXTINT
 
     # ================================================================ ESR
     def _latch_esr(self) -> None:

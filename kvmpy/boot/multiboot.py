@@ -4,8 +4,10 @@ Mirrors QEMU hw/i386/multiboot.c `load_multiboot`: the header is searched for in
 first 8192 bytes; an image whose header sets flag bit 16 (the a.out kludge) is loaded
 from the header's addresses, any other must be an ELF32 i386 image loaded by its PT_LOAD
 program headers at their physical addresses (p_paddr). The multiboot information
-structure, module descriptors, memory map and strings go on the first page boundary
-after the kernel, and the modules follow, each on its own page boundary.
+structure, module descriptors, memory map and strings go at 0x9000 (QEMU's MBI and e820
+address), or on the first page boundary after the kernel when the kernel occupies
+0x9000 (QEMU's mb_buf); modules follow the info below the EBDA when they fit, else the
+kernel, each on its own page boundary.
 
 Unlike QEMU there is no option ROM: the loader writes the info structure itself and
 returns the register state the entry point expects (EAX = 0x2BADB002, EBX = info).
@@ -19,6 +21,7 @@ import io
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 from elftools.elf.elffile import ELFFile
 
@@ -233,6 +236,27 @@ LOW_INFO_ADDRESS = 0x9000
 LOW_INFO_LIMIT = 0x9FC00  # the EBDA starts here (reserved in the mmap)
 
 
+def _overlaps(start: int, end: int, chunks: Sequence[_Chunk]) -> bool:
+    return any(c.gpa < end and start < c.end for c in chunks)
+
+
+def _place_info(size: int, kernel: Sequence[_Chunk], kernel_high: int) -> int:
+    """Where the info structure, mmap and strings go (`size` bytes).
+
+    In low memory at 0x9000 where QEMU puts its MBI and e820 map (test kernels such as
+    kvm-unit-tests own everything from their end of image up as heap, yet read the MBI
+    again later), unless the kernel itself is loaded there: then on the first page
+    boundary after the kernel, where QEMU puts its mb_buf (module list and strings).
+    QEMU's option ROM writes its MBI at 0x9500 regardless and the kernel copied over it
+    wins (kvm-unit-tests' realmode.flat, loaded at 0x8000, never reads it); kvmpy keeps
+    the whole info intact instead. Whether that spot is RAM is checked with the rest.
+    """
+    low_end = LOW_INFO_ADDRESS + size
+    if low_end <= LOW_INFO_LIMIT and not _overlaps(LOW_INFO_ADDRESS, low_end, kernel):
+        return LOW_INFO_ADDRESS
+    return page_align(kernel_high)
+
+
 def load_multiboot(
     mem: GuestMemory,
     image: bytes,
@@ -263,41 +287,36 @@ def load_multiboot(
             f"multiboot needs more than 1 MiB of guest memory, have {mem.size // MiB} MiB"
         )
 
-    # The info structure, mmap and strings go in low memory at 0x9000, as QEMU puts its
-    # MBI there: test kernels (kvm-unit-tests) own everything from their end of image up
-    # as heap and overwrite page 0 during AP bring-up, yet read the MBI again later.
-    kernel_low = min(c.gpa for c in kernel)
     kernel_high = max(c.end for c in kernel)
-    info = LOW_INFO_ADDRESS
     full_cmdline = cmdline if kernel_name is None else f"{kernel_name} {cmdline}"
-    strings = bytearray()
-    mods_addr = info + MBI_SIZE
     mmap_data = _mmap(mem)
+    string_list = [
+        _cstring(full_cmdline, "the kernel command line"),
+        _cstring(BOOTLOADER_NAME, "the boot loader name"),
+        *(_cstring(c, f"module {i}'s command line") for i, (_, c) in enumerate(modules)),
+    ]
+    info_size = MBI_SIZE + MB_MOD_SIZE * len(modules) + len(mmap_data) \
+        + sum(len(x) for x in string_list)
+    info = _place_info(info_size, kernel, kernel_high)
+    if info != LOW_INFO_ADDRESS and not mem.is_ram(info, info_size):
+        raise ImageError(f"no room for the multiboot information: the kernel covers "
+                         f"{LOW_INFO_ADDRESS:#x} and ends at {kernel_high:#x}, the end of RAM "
+                         "(give the guest more memory)")
+    mods_addr = info + MBI_SIZE
     mmap_addr = mods_addr + MB_MOD_SIZE * len(modules)
     strings_addr = mmap_addr + len(mmap_data)
-
-    def add_string(text: str, what: str) -> int:
-        addr = strings_addr + len(strings)
-        strings.extend(_cstring(text, what))
-        return addr
-
-    cmdline_addr = add_string(full_cmdline, "the kernel command line")
-    loader_name_addr = add_string(BOOTLOADER_NAME, "the boot loader name")
-    mod_cmdline_addrs = [
-        add_string(mod_cmdline, f"module {i}'s command line")
-        for i, (_, mod_cmdline) in enumerate(modules)
-    ]
-    info_end = strings_addr + len(strings)
-    if info_end > LOW_INFO_LIMIT or kernel_low < info_end:
-        raise ImageError("the multiboot command line and module list are too large")
+    string_addrs = [strings_addr + off for off in accumulate(map(len, string_list), initial=0)]
+    cmdline_addr, loader_name_addr, *mod_cmdline_addrs = string_addrs[:-1]
+    info_end = info + info_size
+    strings = b"".join(string_list)
     mod_table = bytearray()
     mod_chunks = []
     # Modules go in low memory after the info when they fit below the EBDA, else after
-    # the kernel; each starts on a page boundary (QEMU).
+    # the kernel (and the info); each starts on a page boundary (QEMU).
     mod_addr = page_align(info_end)
     mods_end = mod_addr + sum(page_align(len(data)) for data, _ in modules)
-    if mods_end > min(LOW_INFO_LIMIT, kernel_low):
-        mod_addr = page_align(kernel_high)
+    if mods_end > LOW_INFO_LIMIT or _overlaps(mod_addr, mods_end, kernel):
+        mod_addr = page_align(max(kernel_high, info_end))
     for (data, _), mod_cmdline_addr in zip(modules, mod_cmdline_addrs, strict=True):
         mod_table += struct.pack("<4I", mod_addr, mod_addr + len(data), mod_cmdline_addr, 0)
         mod_chunks.append(_Chunk(mod_addr, bytes(data)))

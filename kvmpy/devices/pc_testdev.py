@@ -13,8 +13,13 @@
   16-23 (QEMU would abort: isa_get_irq asserts n < 16). ioapic.flat's set_irq_line.
   Reads return 0; other sizes are ignored; both are counted.
 
-Not modelled: the 64 KiB "iomem" scratch area at 0xff000000, which no kvm-unit-tests
-x86 test uses.
+- 0xff000000-0xff00ffff ("iomem", MMIO): 64 KiB that read back what was written, at
+  every size (test_iomem_read/_write: a memcpy of the access's bytes, little-endian).
+  emulator.flat and lam.flat map it to make KVM emulate instructions on MMIO
+  (kvm-unit-tests x86/ioram.h). It is MMIO here too, not a KVM memory slot: the point
+  of those tests is KVM's emulation of each instruction's MMIO access, which a RAM slot
+  would bypass. An access running past the end is cut off there (reads give 0 for the
+  missing bytes); QEMU's core rejects it before the device sees it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ PC_TESTDEV_BASE = 0xE0
 PC_TESTDEV_LENGTH = 12  # 0xe0 ioport, 0xe4 flush-page, 0xe8 ioport-byte
 PC_TESTDEV_IRQ_BASE = 0x2000
 PC_TESTDEV_IRQ_LINES = 24
+PC_TESTDEV_IOMEM_BASE = 0xFF00_0000
+PC_TESTDEV_IOMEM_LENGTH = 0x1_0000
 
 _IOPORT, _FLUSH, _IOPORT_BYTE = 0, 4, 8
 
@@ -89,3 +96,23 @@ class PcTestdevIrq:
         gsi = isa_gsi(offset) if offset < ISA_IRQS else offset
         self.writes += 1
         self.router.set_irq(gsi, bool(value & 0xFF), self.source)
+
+
+class PcTestdevIomem:
+    """MMIO 0xff000000-0xff00ffff: 64 KiB of scratch memory (QEMU's test_iomem_ops)."""
+
+    def __init__(self, name: str = "pc-testdev-iomem") -> None:
+        self.name = name
+        self.buf = bytearray(PC_TESTDEV_IOMEM_LENGTH)
+
+    def read(self, offset: int, size: int) -> int:
+        if not 0 <= offset < len(self.buf) or size <= 0:
+            return 0
+        return int.from_bytes(self.buf[offset : offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if not 0 <= offset < len(self.buf) or size <= 0:
+            return
+        n = min(size, len(self.buf) - offset)
+        self.buf[offset : offset + n] = (value & ((1 << (8 * size)) - 1)).to_bytes(
+            size, "little")[:n]

@@ -39,20 +39,22 @@ enum {
 	R_ICR_DEST = 11,
 	R_SLOW_EVENTS = 12, /* nonzero: NMI/INIT/SIPI/SMI published; Python must look */
 	R_CR8 = 13,         /* kvm_run.cr8 as last synced with TPR */
-	R_NWORDS = 14,
+	R_EXTINT = 14,      /* nonzero: the 8259's INTR is up and LINT0 takes it (ExtINT);
+			     * Python keeps it (LocalApic.set_extint_line) and injects it */
+	R_NWORDS = 15,
 };
 /* ---- uint64 index into the same buffer ---- */
 enum {
-	Q_BASE_ADDRESS = 7,  /* xAPIC MMIO base */
-	Q_IPI_SENT = 8,      /* counters bumped by the core (Python adds its own) */
-	Q_IPI_NO_TARGET = 9,
-	Q_RX_FIXED = 10,
-	Q_RX_REJECTED = 11,
-	Q_INJECTED = 12,
-	Q_EOI = 13,
-	Q_SELF_IPI = 14,
-	Q_TIMER_DEADLINE = 15, /* the APIC timer's next expiry, CLOCK_MONOTONIC ns; 0: none */
-	Q_NWORDS = 16,
+	Q_BASE_ADDRESS = 8,  /* xAPIC MMIO base */
+	Q_IPI_SENT = 9,      /* counters bumped by the core (Python adds its own) */
+	Q_IPI_NO_TARGET = 10,
+	Q_RX_FIXED = 11,
+	Q_RX_REJECTED = 12,
+	Q_INJECTED = 13,
+	Q_EOI = 14,
+	Q_SELF_IPI = 15,
+	Q_TIMER_DEADLINE = 16, /* the APIC timer's next expiry, CLOCK_MONOTONIC ns; 0: none */
+	Q_NWORDS = 17,
 };
 #define REGS_BYTES (Q_NWORDS * 8)
 

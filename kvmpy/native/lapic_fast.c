@@ -73,6 +73,9 @@ bool lapic_halt_ends_at_once(struct vcpu *v, bool if_flag)
 	if (atomic_load_explicit((_Atomic uint32_t *)&v->apic.r[R_SLOW_EVENTS],
 				 memory_order_acquire))
 		return true;
+	if (if_flag && atomic_load_explicit((_Atomic uint32_t *)&v->apic.r[R_EXTINT],
+					    memory_order_acquire))
+		return true; /* the 8259's INTR (R_EXTINT), injected by Python */
 	return if_flag && lapic_pending_vector(v) >= 0;
 }
 

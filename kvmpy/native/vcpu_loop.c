@@ -34,6 +34,17 @@ static bool slow_events(struct vcpu *v)
 				    memory_order_acquire) != 0;
 }
 
+/* The 8259's INTR, up and taken by LINT0 (R_EXTINT): an ExtINT goes before the APIC's
+ * vectors (KVM's kvm_cpu_get_interrupt), and its INTA is the 8259's, in Python
+ * (vcpu.py _inject_pending_events): the core hands over when it can be injected, and
+ * asks for an interrupt window when it cannot. */
+static bool extint(struct vcpu *v)
+{
+	/* acquire: pairs with Python's store after the 8259's output changed. */
+	return atomic_load_explicit((_Atomic uint32_t *)&v->apic.r[R_EXTINT],
+				    memory_order_acquire) != 0;
+}
+
 static bool timer_due(struct vcpu *v)
 {
 	uint64_t deadline = v->apic.q[Q_TIMER_DEADLINE]; /* owner-only (Python sync_timer) */
@@ -46,6 +57,10 @@ static bool timer_due(struct vcpu *v)
 bool inject_pending_irq(struct vcpu *v)
 {
 	struct kvm_run *run = v->run;
+	if (extint(v)) { /* not injectable now, or the loop top had handed it over */
+		run->request_interrupt_window = 1;
+		return true;
+	}
 	int vector = lapic_pending_vector(v);
 	if (vector < 0) {
 		run->request_interrupt_window = 0;
@@ -335,7 +350,8 @@ enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit)
 				      memory_order_relaxed);
 		/* seq_cst: cleared before the events are read (a later request is seen). */
 		atomic_store_explicit(&v->request, 0, memory_order_seq_cst);
-		if (slow_events(v) || (entered && timer_due(v)) || !sync_cr8(v))
+		if (slow_events(v) || (entered && timer_due(v)) || !sync_cr8(v) ||
+		    (extint(v) && kr->ready_for_interrupt_injection && kr->if_flag))
 			return RET_EVENTS;
 		if (!inject_pending_irq(v))
 			return RET_ERROR;
