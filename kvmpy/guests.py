@@ -54,11 +54,13 @@ CATALOG: dict[str, GuestInfo] = {
     "mbinfo": GuestInfo("prints the multiboot information the loader passed"),
     "mmio_touch": GuestInfo("touches MMIO with nothing behind it (reads give all ones)"),
     "smp_hello": GuestInfo("every vCPU prints its index and APIC ID", 4, "cpus=4"),
+    "timer_storm": GuestInfo("a 1 ns periodic APIC timer: the guest must still make "
+                             "progress between interrupts", 1, "mode=x2apic"),
     "trace_ipi": GuestInfo("a short, exactly counted IPI and timer workload to look at "
                            "with --trace", 2, "n=20 timer=5"),
+    "triple_fault": GuestInfo("an empty IDT and UD2: a triple fault (exit status 4)"),
     "tsc_adjust_probe": GuestInfo("writes IA32_TSC_ADJUST and IA32_TSC and prints how far "
                                   "the TSC moved (docs/conformance-suite.md)", 1),
-    "triple_fault": GuestInfo("an empty IDT and UD2: a triple fault (exit status 4)"),
 }
 
 
