@@ -198,6 +198,10 @@ enum fastpath handle_exit_irqoff(struct vcpu *v, struct exit *exit)
 	switch (exit->reason) {
 	case KVM_EXIT_INTR:
 		return FASTPATH_REENTER_GUEST; /* the loop top picks up the kick's request */
+	case KVM_EXIT_IRQ_WINDOW_OPEN:
+		/* The window the loop top asked for: it injects there (Python's
+		 * handle_nothing). An ExtINT or NMI behind it goes to Python from there too. */
+		return setting == SETTING_NATIVE ? FASTPATH_REENTER_GUEST : FASTPATH_NONE;
 	case KVM_EXIT_X86_WRMSR:
 		return setting == SETTING_NATIVE ? handle_fastpath_wrmsr(v, exit) : FASTPATH_NONE;
 	case KVM_EXIT_MMIO:
