@@ -530,13 +530,10 @@ class Machine:
             setup_real_mode_sipi(vcpu.fd, vector)
             vcpu.state = VcpuState.RUNNABLE
 
-    def may_poll(self) -> bool:
-        """May a halting vCPU poll? Only if the vCPUs not asleep (in guest, in kvmpy, or
-        polling; the caller counts) fit on the host CPUs: a poller must not take a core
-        from a vCPU with work (KVM polls only if single_task_running())."""
-        return len(self.vcpus) - self._blocked <= self._host_cpus
-
     def note_blocked(self, vcpu: Vcpu, blocked: bool) -> None:
+        """Python's own sleeps (wait-for-SIPI, HLT with IF=0): counted for diagnostics.
+        Polling and the hang check use the core's count (`core.busy()`), which covers
+        the halts the core sleeps too."""
         with self._blocked_lock:
             self._blocked += 1 if blocked else -1
             self._blocked_since = time.monotonic()
