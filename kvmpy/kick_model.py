@@ -62,7 +62,8 @@ vcpu_halt_in_core), with KVM's side of KVM_RUN and the Python loop around it:
                   request is picked up below, so the flag is stale)
     clear_request request = 0
     inject_read   vector = lapic_pending_vector(v)   (IRR above PPR)
-    inject_ack    if ready_for_interrupt_injection && if_flag: lapic_ack; KVM_INTERRUPT;
+    inject_ack    if ready_for_interrupt_injection && if_flag: lapic_ack; kvm_queue_interrupt
+                  (KVM_INTERRUPT, or kvm_run.s.regs.events set by the next KVM_RUN);
                   ready_for_interrupt_injection = 0 (KVM holds ONE queued interrupt)
     in_guest      mode = IN_GUEST
     recheck_request, recheck_stop: if request || stopping: bail_out (mode = OUTSIDE,

@@ -208,6 +208,10 @@ class Machine:
             self.core = _core.Core(config.cpus, self._host_cpus, config.halt_poll_ns,
                                    self.fastpath.value if not self.kernel_irqchip
                                    else FastpathSetting.OFF.value)
+            # Interrupts ride on KVM_RUN (kvm_run.s.regs.events) instead of a
+            # KVM_INTERRUPT ioctl where KVM offers it (vcpu_loop.c kvm_queue_interrupt).
+            sync_regs = self.kvm.check_extension(k.KVM_CAP_SYNC_REGS)
+            self.core.set(sync_events=int(bool(sync_regs & k.KVM_SYNC_X86_EVENTS)))
             for vcpu in self.vcpus:
                 vcpu.attach_core(self.core)
             self.apic_bus.core = self.core
@@ -469,6 +473,7 @@ class Machine:
             self.apic_bus.core = None
         for vcpu in getattr(self, "vcpus", []):
             vcpu.core = None
+            vcpu.fd.before_ioctl = None
         for vcpu in getattr(self, "vcpus", []):
             vcpu.fd.close()
         if hasattr(self, "memory"):

@@ -38,6 +38,10 @@ def print_exit_table(stats: ExitStats, file: TextIO | None = None) -> None:
     if stats.kick_time.count or stats.wake_time.count:
         console.print(f"Kicks sent: {stats.kick_time.count} signals to vCPUs in the guest, "
                       f"{stats.wake_time.count} wake-ups of halted vCPUs")
+    injected = stats.inject_sync + stats.inject_ioctl
+    if injected:
+        console.print(f"Interrupts injected: {injected}, {stats.inject_sync} by KVM_RUN itself "
+                      f"(kvm_run.s.regs), {stats.inject_ioctl} by KVM_INTERRUPT")
     halts = stats.halt_poll_success + stats.halt_slept
     if halts:
         console.print(f"Halts: {halts}, {stats.halt_poll_success} ended while polling "

@@ -103,6 +103,10 @@ class ExitStats:
         # Halts: how many ended inside the polling window (no sleep), how many slept.
         self.halt_poll_success = 0
         self.halt_slept = 0
+        # Interrupts queued for the next entry: by KVM_RUN itself (kvm_run.s.regs, the
+        # native core's kvm_queue_interrupt) or by a KVM_INTERRUPT ioctl.
+        self.inject_sync = 0
+        self.inject_ioctl = 0
 
     def count_msr(self, op: str, index: int) -> None:
         table = self.msr_accesses
@@ -132,6 +136,8 @@ class ExitStats:
         self.invalid_opcodes += other.invalid_opcodes
         self.halt_poll_success += other.halt_poll_success
         self.halt_slept += other.halt_slept
+        self.inject_sync += other.inject_sync
+        self.inject_ioctl += other.inject_ioctl
 
 
 @dataclass(frozen=True)

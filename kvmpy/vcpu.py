@@ -33,6 +33,7 @@ and the wait for SIPI sleep here in Python, on the same futex.
 from __future__ import annotations
 
 import enum
+import functools
 import signal
 import threading
 import time
@@ -188,6 +189,7 @@ class Vcpu:
             irr = isr = tmr = bytearray(256)
         core.attach(self.index, self.fd.fd, self.fd.mapping, irr, isr, tmr, self._regs,
                     self.native_stats)
+        self.fd.before_ioctl = functools.partial(core.events_changed, self.index)
 
     # ---------------------------------------------------------------- shared state
 
@@ -341,7 +343,7 @@ class Vcpu:
                 # before the ioctl, which releases the GIL: a send recorded after this
                 # (during the ioctl) is one the injection cannot be for
                 self.tracer.rec(tracing.INJECT, vector, 0)
-            self.fd.interrupt(vector)
+            self.core.queue_interrupt(self.index, vector)  # KVM_INTERRUPT, or by KVM_RUN
             # KVM holds one queued interrupt without an in-kernel irqchip and a second
             # KVM_INTERRUPT would replace the first (kvm_vcpu_ioctl_interrupt): until
             # KVM rewrites this flag at the next exit, ask for a window instead.
@@ -570,6 +572,8 @@ def add_native_stats(stats: ExitStats, native: memoryview) -> None:
     _add_hist(stats.wake_time, native, nc.S_WAKE_HIST, 0)
     stats.halt_poll_success += native[nc.S_HALT_POLL_OK]
     stats.halt_slept += native[nc.S_HALT_SLEPT]
+    stats.inject_sync += native[nc.S_INJECT_SYNC]
+    stats.inject_ioctl += native[nc.S_INJECT_IOCTL]
 
 
 def _add_hist(hist: Histogram, native: memoryview, at: int, total: int) -> None:

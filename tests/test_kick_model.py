@@ -243,7 +243,8 @@ C_ORDER = [  # calls and stores the model's step order relies on, in source orde
         "vcpu_halt_in_core(v, kr->if_flag)"]),
     ("kvmpy/native/vcpu_loop.c:inject_pending_irq", [
         "lapic_pending_vector(v)", "run->ready_for_interrupt_injection && run->if_flag",
-        "lapic_ack(v, vector)", "KVM_INTERRUPT", "run->ready_for_interrupt_injection = 0"]),
+        "lapic_ack(v, vector)", "kvm_queue_interrupt(v, vector)",
+        "run->ready_for_interrupt_injection = 0"]),
     ("kvmpy/native/vcpu_loop.c:run", [
         "ioctl(v->fd, KVM_RUN, 0)", "&v->mode, OUTSIDE_GUEST", "err == EINTR",
         "&kr->immediate_exit, 0"]),

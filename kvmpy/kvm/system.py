@@ -12,7 +12,7 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from kvmpy.errors import KvmUnavailable
@@ -200,6 +200,15 @@ class VcpuFd:
         # ctypes view for clarity (diagnostics, tests); RunView for the exit path.
         self.run_struct = s.KvmRun.from_buffer(self._map)
         self.view = RunView(self._map)
+        # Called before every vCPU ioctl but KVM_RUN: the native core's
+        # Core.events_changed (an interrupt it queued in kvm_run.s.regs reaches KVM
+        # first, and its snapshot of the vCPU's events is no longer trusted).
+        self.before_ioctl: Callable[[], None] | None = None
+
+    def _ioctl(self, request: int, arg: object = None) -> int:
+        if self.before_ioctl is not None:
+            self.before_ioctl()
+        return ioctl(self.fd, request, arg)
 
     @property
     def mapping(self) -> mmap.mmap:
@@ -221,72 +230,72 @@ class VcpuFd:
 
     def get_regs(self) -> s.KvmRegs:
         regs = s.KvmRegs()
-        ioctl(self.fd, k.KVM_GET_REGS, regs)
+        self._ioctl(k.KVM_GET_REGS, regs)
         return regs
 
     def set_regs(self, regs: s.KvmRegs) -> None:
-        ioctl(self.fd, k.KVM_SET_REGS, regs)
+        self._ioctl(k.KVM_SET_REGS, regs)
 
     def get_sregs(self) -> s.KvmSregs:
         sregs = s.KvmSregs()
-        ioctl(self.fd, k.KVM_GET_SREGS, sregs)
+        self._ioctl(k.KVM_GET_SREGS, sregs)
         return sregs
 
     def set_sregs(self, sregs: s.KvmSregs) -> None:
-        ioctl(self.fd, k.KVM_SET_SREGS, sregs)
+        self._ioctl(k.KVM_SET_SREGS, sregs)
 
     def set_cpuid(self, entries: list[s.KvmCpuidEntry2]) -> None:
         buf = s.cpuid2_buffer(len(entries))
         for i, e in enumerate(entries):
             buf.entries[i] = e
-        ioctl(self.fd, k.KVM_SET_CPUID2, buf)
+        self._ioctl(k.KVM_SET_CPUID2, buf)
 
     def get_msrs(self, indices: list[int]) -> list[int]:
         buf = s.msrs_buffer(indices)
-        n = ioctl(self.fd, k.KVM_GET_MSRS, buf)
+        n = self._ioctl(k.KVM_GET_MSRS, buf)
         return [buf.entries[i].data for i in range(n)]
 
     def set_msrs(self, values: dict[int, int]) -> int:
         buf = s.msrs_buffer(list(values))
         for i, v in enumerate(values.values()):
             buf.entries[i].data = v
-        return ioctl(self.fd, k.KVM_SET_MSRS, buf)
+        return self._ioctl(k.KVM_SET_MSRS, buf)
 
     def translate(self, linear_address: int) -> int | None:
         """Guest linear -> physical address through the guest's page tables, or None."""
         tr = s.KvmTranslation()
         tr.linear_address = linear_address
         try:
-            ioctl(self.fd, k.KVM_TRANSLATE, tr)
+            self._ioctl(k.KVM_TRANSLATE, tr)
         except OSError:
             return None
         return tr.physical_address if tr.valid else None
 
     def get_tsc_khz(self) -> int:
         """KVM_GET_TSC_KHZ: the guest TSC frequency."""
-        return ioctl(self.fd, k.KVM_GET_TSC_KHZ)
+        return self._ioctl(k.KVM_GET_TSC_KHZ)
 
     def interrupt(self, vector: int) -> None:
-        ioctl(self.fd, k.KVM_INTERRUPT, s.KvmInterrupt(vector))
+        self._ioctl(k.KVM_INTERRUPT, s.KvmInterrupt(vector))
 
     def nmi(self) -> None:
-        ioctl(self.fd, k.KVM_NMI)
+        self._ioctl(k.KVM_NMI)
 
     def get_mp_state(self) -> int:
         st = s.KvmMpState()
-        ioctl(self.fd, k.KVM_GET_MP_STATE, st)
+        self._ioctl(k.KVM_GET_MP_STATE, st)
         return st.mp_state
 
     def set_mp_state(self, state: int) -> None:
-        ioctl(self.fd, k.KVM_SET_MP_STATE, s.KvmMpState(state))
+        self._ioctl(k.KVM_SET_MP_STATE, s.KvmMpState(state))
 
     def get_vcpu_events(self) -> s.KvmVcpuEvents:
         ev = s.KvmVcpuEvents()
-        ioctl(self.fd, k.KVM_GET_VCPU_EVENTS, ev)
+        self._ioctl(k.KVM_GET_VCPU_EVENTS, ev)
         return ev
 
     def set_vcpu_events(self, ev: s.KvmVcpuEvents) -> None:
-        ioctl(self.fd, k.KVM_SET_VCPU_EVENTS, ev)
+        self._ioctl(k.KVM_SET_VCPU_EVENTS, ev)
 
     def close(self) -> None:
         if self.fd < 0:

@@ -74,6 +74,8 @@ enum {
 	S_KICK_WAKES,
 	S_HANDED_OVER,     /* exits returned to Python */
 	S_RECORD_TIME,     /* Python sets it: nonzero = time the exits */
+	S_INJECT_SYNC,     /* interrupts queued in kvm_run.s.regs (set by KVM_RUN) */
+	S_INJECT_IOCTL,    /* interrupts queued by the KVM_INTERRUPT ioctl */
 	S_HIST = 256,                                  /* [MAX_REASON][NBUCKETS] fast_time */
 	S_ICR_HIST = S_HIST + MAX_REASON * NBUCKETS,   /* [NBUCKETS] */
 	S_KICK_HIST = S_ICR_HIST + NBUCKETS,
@@ -129,6 +131,10 @@ struct vcpu {
 	/* Halt polling (KVM's vcpu->halt_poll_ns). Owner-only. */
 	uint64_t halt_poll_ns;
 	int err;                  /* errno of a failed KVM_RUN / KVM_INTERRUPT */
+	/* KVM_CAP_SYNC_REGS (kvm_queue_interrupt): kvm_run.s.regs.events holds the events
+	 * KVM stored at the last exit, and nothing has changed them since (Python's vCPU
+	 * ioctls call Core.events_changed first). Owner-only. */
+	bool events_fresh;
 	/* --trace: this vCPU's native ring (kvmpy/tracing/recorder.py's records, four
 	 * int64 each), written only by this vCPU's thread; NULL when not tracing. */
 	int64_t *trace;
@@ -156,6 +162,7 @@ struct vm {
 	uint64_t halt_poll_max_ns;
 	_Atomic int setting;       /* enum fastpath_setting */
 	_Atomic int renumbered;    /* an APIC ID is not its index: IPIs take Python's route */
+	bool sync_events;          /* KVM_CAP_SYNC_REGS has KVM_SYNC_X86_EVENTS: inject by it */
 };
 
 /* Trace record kinds, SEND flags and KICK hows: kvmpy/tracing/recorder.py's. */
@@ -210,6 +217,8 @@ void hist_add(uint64_t *hist, uint64_t ns);
 enum fastpath handle_exit_irqoff(struct vcpu *v, struct exit *exit);
 enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit);
 bool inject_pending_irq(struct vcpu *v);
+int kvm_queue_interrupt(struct vcpu *v, int vector);
+int kvm_vcpu_events_changed(struct vcpu *v);
 bool sync_cr8(struct vcpu *v);
 bool vcpu_halt_in_core(struct vcpu *v, bool if_flag);
 

@@ -7,6 +7,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -476,13 +477,50 @@ static PyObject *Core_inject(CoreObject *self, PyObject *args)
 	return Py_BuildValue("ii", injected, (int)v->run->request_interrupt_window);
 }
 
+/* queue_interrupt(i, vector): kvm_queue_interrupt for Python's injection (vcpu.py
+ * _inject_pending_events), on the vCPU's thread. */
+static PyObject *Core_queue_interrupt(CoreObject *self, PyObject *args)
+{
+	int i, vector;
+	if (!PyArg_ParseTuple(args, "ii", &i, &vector))
+		return NULL;
+	struct slot *s = get_slot(self, i, true);
+	if (!s)
+		return NULL;
+	if (vector < 0 || vector > 255) {
+		PyErr_Format(PyExc_ValueError, "vector %d", vector);
+		return NULL;
+	}
+	if (kvm_queue_interrupt(&s->v, vector) < 0) {
+		errno = s->v.err;
+		return PyErr_SetFromErrno(PyExc_OSError);
+	}
+	Py_RETURN_NONE;
+}
+
+/* events_changed(i): before a vCPU ioctl from Python (kvm_vcpu_events_changed). */
+static PyObject *Core_events_changed(CoreObject *self, PyObject *args)
+{
+	struct vcpu *v;
+	if (parse_attached(self, args, &v) < 0)
+		return NULL;
+	if (kvm_vcpu_events_changed(v) < 0) {
+		errno = v->err;
+		return PyErr_SetFromErrno(PyExc_OSError);
+	}
+	Py_RETURN_NONE;
+}
+
 static PyObject *Core_set(CoreObject *self, PyObject *args, PyObject *kwds)
 {
-	static char *kw[] = {"setting", "renumbered", "halt_poll_max_ns", NULL};
-	int setting = -1, renumbered = -1;
+	static char *kw[] = {"setting", "renumbered", "halt_poll_max_ns", "sync_events", NULL};
+	int setting = -1, renumbered = -1, sync_events = -1;
 	long long poll_max = -1;
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|iiL", kw, &setting, &renumbered, &poll_max))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|iiLi", kw, &setting, &renumbered, &poll_max,
+					 &sync_events))
 		return NULL;
+	if (sync_events >= 0)
+		self->vm.sync_events = sync_events != 0; /* before the vCPUs run */
 	if (setting >= SETTING_OFF && setting <= SETTING_NATIVE)
 		atomic_store_explicit(&self->vm.setting, setting, memory_order_relaxed);
 	if (renumbered >= 0)
@@ -531,6 +569,8 @@ static PyMethodDef Core_methods[] = {
 	{"fast_hlt", (PyCFunction)Core_fast_hlt, METH_VARARGS, ""},
 	{"inject", (PyCFunction)Core_inject, METH_VARARGS, ""},
 	{"set", (PyCFunction)(void (*)(void))Core_set, METH_VARARGS | METH_KEYWORDS, ""},
+	{"queue_interrupt", (PyCFunction)Core_queue_interrupt, METH_VARARGS, "kvm_queue_interrupt"},
+	{"events_changed", (PyCFunction)Core_events_changed, METH_VARARGS, "before a vCPU ioctl"},
 	{"halt_poll_ns", (PyCFunction)Core_halt_poll_ns, METH_VARARGS, ""},
 	{NULL, NULL, 0, NULL},
 };
@@ -570,7 +610,7 @@ PyMODINIT_FUNC PyInit__core(void)
 	ADD(Q_NWORDS); ADD(REGS_BYTES);
 	ADD(MAX_REASON); ADD(NBUCKETS); ADD(S_COUNT); ADD(S_FAST); ADD(S_FAST_TOTAL);
 	ADD(S_ICR_FAST); ADD(S_HALT_POLL_OK); ADD(S_HALT_SLEPT); ADD(S_KICK_SIGNALS);
-	ADD(S_KICK_WAKES); ADD(S_HANDED_OVER); ADD(S_RECORD_TIME); ADD(S_HIST); ADD(S_ICR_HIST);
+	ADD(S_KICK_WAKES); ADD(S_HANDED_OVER); ADD(S_RECORD_TIME); ADD(S_INJECT_SYNC); ADD(S_INJECT_IOCTL); ADD(S_HIST); ADD(S_ICR_HIST);
 	ADD(S_KICK_HIST); ADD(S_WAKE_HIST); ADD(S_NWORDS);
 	ADD(RET_EXIT); ADD(RET_EVENTS); ADD(RET_STOP); ADD(RET_ERROR);
 	ADD(SETTING_OFF); ADD(SETTING_PYTHON); ADD(SETTING_NATIVE);

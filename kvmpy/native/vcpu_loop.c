@@ -51,6 +51,56 @@ static bool timer_due(struct vcpu *v)
 	return deadline && now_ns() >= deadline;
 }
 
+/*
+ * Queue a maskable interrupt for the next entry (KVM's kvm_queue_interrupt, which
+ * KVM_INTERRUPT calls). Each vCPU ioctl but KVM_RUN costs a vcpu_load/vcpu_put, ~10 us
+ * on kvm_pvm (as much as the rest of an exit): where KVM_CAP_SYNC_REGS gave us the
+ * events KVM stored at the last exit, and nothing changed them since, the interrupt
+ * rides on the next KVM_RUN instead: sync_regs -> kvm_vcpu_ioctl_x86_set_vcpu_events
+ * sets it before the entry, as KVM_INTERRUPT would have. Only when no event is in
+ * flight (the caller checked ready_for_interrupt_injection: no exception, interrupt or
+ * NMI is being reinjected), so the snapshot written back is the vCPU's own state. On
+ * the KVM_INTERRUPT path: returns -1 with errno in v->err if it failed. Owner-only.
+ */
+int kvm_queue_interrupt(struct vcpu *v, int vector)
+{
+	struct kvm_run *kr = v->run;
+	struct kvm_vcpu_events *ev = &kr->s.regs.events;
+	if (v->events_fresh && !ev->exception.injected && !ev->exception.pending &&
+	    !ev->interrupt.injected && !ev->nmi.injected) {
+		ev->interrupt.injected = 1;
+		ev->interrupt.nr = (uint8_t)vector;
+		ev->interrupt.soft = 0;
+		kr->kvm_dirty_regs |= KVM_SYNC_X86_EVENTS;
+		v->stats[S_INJECT_SYNC]++;
+		return 0;
+	}
+	struct kvm_interrupt irq = {.irq = (uint32_t)vector};
+	if (v->fd >= 0 && ioctl(v->fd, KVM_INTERRUPT, &irq) < 0) {
+		v->err = errno;
+		return -1;
+	}
+	v->stats[S_INJECT_IOCTL]++;
+	return 0;
+}
+
+/*
+ * Python is about to make a vCPU ioctl (kvmpy/kvm/system.py VcpuFd): the snapshot may
+ * no longer be the vCPU's state, and an interrupt queued in it must reach KVM first,
+ * by KVM_INTERRUPT, so that the ioctl sees it as it would have. Owner-only (vCPU
+ * ioctls are made on the vCPU's thread, or while it does not run).
+ */
+int kvm_vcpu_events_changed(struct vcpu *v)
+{
+	struct kvm_run *kr = v->run;
+	v->events_fresh = false;
+	if (!(kr->kvm_dirty_regs & KVM_SYNC_X86_EVENTS))
+		return 0;
+	kr->kvm_dirty_regs &= ~(uint64_t)KVM_SYNC_X86_EVENTS;
+	v->stats[S_INJECT_SYNC]--; /* counted again as an ioctl */
+	return kvm_queue_interrupt(v, kr->s.regs.events.interrupt.nr);
+}
+
 /* KVM's inject_pending_event for the APIC's maskable interrupts (vcpu.py
  * _inject_pending_events): inject the highest deliverable IRR vector, or ask KVM for
  * an interrupt window. Returns false if KVM_INTERRUPT failed (errno in v->err). */
@@ -69,11 +119,8 @@ bool inject_pending_irq(struct vcpu *v)
 	if (run->ready_for_interrupt_injection && run->if_flag) {
 		lapic_ack(v, vector);
 		trace_rec(v, TR_INJECT, vector, 0); /* before the ioctl, as Python's */
-		struct kvm_interrupt irq = {.irq = (uint32_t)vector};
-		if (v->fd >= 0 && ioctl(v->fd, KVM_INTERRUPT, &irq) < 0) {
-			v->err = errno;
+		if (kvm_queue_interrupt(v, vector) < 0)
 			return false;
-		}
 		/* KVM holds one queued interrupt without an in-kernel irqchip: until it
 		 * rewrites this flag at the next exit, ask for a window instead. */
 		run->ready_for_interrupt_injection = 0;
@@ -104,9 +151,14 @@ static int run(struct vcpu *v, struct exit *exit)
 {
 	struct kvm_run *kr = v->run;
 	uint64_t t_enter = v->trace ? now_ns() : 0;
+	/* KVM stores the events into kvm_run.s.regs at every return (store_regs). */
+	kr->kvm_valid_regs = v->vm->sync_events ? KVM_SYNC_X86_EVENTS : 0;
 	int ret = ioctl(v->fd, KVM_RUN, 0);
 	int err = errno;
 	exit->t_exit_ns = now_ns();
+	/* Set by sync_regs, or refused with the KVM_RUN (EINVAL): either way no longer ours. */
+	kr->kvm_dirty_regs = 0;
+	v->events_fresh = v->vm->sync_events && (ret == 0 || err == EINTR || err == EAGAIN);
 	/* seq_cst: the kick protocol; a sender that reads OUTSIDE_GUEST from here on
 	 * leaves the request to the loop top. */
 	atomic_store_explicit(&v->mode, OUTSIDE_GUEST, memory_order_seq_cst);
