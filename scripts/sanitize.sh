@@ -5,7 +5,7 @@
 # temporary directory, builds kvmpy._core there with KVMPY_SANITIZE=1 (setup.py:
 # -fsanitize=address,undefined), and runs against that build, with gcc's libasan
 # preloaded into Python (and the kvmpy processes the guest tests start):
-#   tests/test_native_differential.py, tests/test_native_core.py,
+#   tests/test_native_differential.py, tests/test_native_core.py, tests/test_native_inject.py,
 #   the IPI guests of tests/test_apic_guests.py and the short IPI stress.
 # Fails on any test failure and on any sanitizer report (ASan and UBSan halt at their
 # first error; pytest captures Python's output only, so a report on fd 2 is seen, kept
@@ -62,6 +62,7 @@ status=0
 run -m pytest -q -p no:cacheprovider -m "not slow" --capture=sys \
     tests/test_native_differential.py \
     tests/test_native_core.py \
+    tests/test_native_inject.py \
     tests/test_apic_guests.py::test_apic_ipi_exact_counts \
     tests/test_ipi_stress.py::test_random_ipis_are_counted_exactly \
     "$@" 2> >(tee "$LOGS/stderr.txt" >&2) || status=$?
