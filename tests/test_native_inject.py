@@ -148,3 +148,18 @@ def test_queue_interrupt_checks_its_arguments() -> None:
         core.queue_interrupt(0, VECTOR)
     with pytest.raises(ValueError, match="not attached"):
         core.events_changed(0)
+
+
+@pytest.mark.kvm
+def test_a_sipi_start_drops_an_interrupt_queued_before_the_init(vcpu: RealModeVcpu) -> None:
+    from kvmpy.boot.cpu import setup_real_mode_sipi
+
+    assert vcpu.run_to_port() == 0x10
+    vcpu.core.queue_interrupt(0, VECTOR)  # acked by the APIC, queued for the next entry
+    vcpu.fd.before_ioctl = lambda: vcpu.core.events_changed(0)  # as Vcpu.attach_core does
+    setup_real_mode_sipi(vcpu.fd, CODE >> 12)  # INIT, then SIPI: CS:IP = 0x100:0
+    vcpu.fd.before_ioctl = None
+    assert vcpu.injected() == (0, 1)  # handed to KVM first, then dropped by the reset
+    events = vcpu.fd.get_vcpu_events()
+    assert events.interrupt.injected == 0 and events.nmi.injected == 0
+    assert vcpu.run_to_port() == 0x10  # the SIPI's code runs; the handler does not

@@ -10,7 +10,8 @@ guest that reloads a segment before installing its own GDT still gets flat segme
 
 from __future__ import annotations
 
-from kvmpy.kvm.structs import KvmRegs, KvmSegment
+from kvmpy.kvm import ioctls as k
+from kvmpy.kvm.structs import KvmRegs, KvmSegment, KvmVcpuEvents
 from kvmpy.kvm.system import VcpuFd
 from kvmpy.memory import GuestMemory
 
@@ -73,9 +74,21 @@ def setup_protected_mode(vcpu: VcpuFd, *, entry: int, eax: int, ebx: int) -> Non
     vcpu.set_regs(regs)
 
 
+def clear_pending_events(vcpu: VcpuFd) -> None:
+    """INIT drops what was on its way into the guest (SDM 8.4.1; KVM's kvm_vcpu_reset:
+    kvm_clear_interrupt_queue, kvm_clear_exception_queue, nmi_injected/nmi_pending = 0):
+    an interrupt already queued for the next entry (KVM_INTERRUPT, or the native core's
+    kvm_queue_interrupt) must not reach the code the SIPI starts."""
+    events = KvmVcpuEvents()
+    events.flags = k.KVM_VCPUEVENT_VALID_NMI_PENDING | k.KVM_VCPUEVENT_VALID_SHADOW
+    vcpu.set_vcpu_events(events)
+
+
 def setup_real_mode_sipi(vcpu: VcpuFd, vector: int) -> None:
     """The state an AP starts in after a Startup IPI (SDM 8.4.4.1, 10.6.1):
-    real mode, CS selector = vector << 8, CS base = vector << 12, IP = 0."""
+    real mode, CS selector = vector << 8, CS base = vector << 12, IP = 0, nothing
+    pending from before the INIT."""
+    clear_pending_events(vcpu)
     sregs = vcpu.get_sregs()
     sregs.cs = _segment(vector << 12, 0xFFFF, vector << 8, 0xB, big=False)
     for name in ("ds", "es", "fs", "gs", "ss"):
