@@ -212,5 +212,6 @@ enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit);
 bool inject_pending_irq(struct vcpu *v);
 bool sync_cr8(struct vcpu *v);
 bool vcpu_halt_in_core(struct vcpu *v, bool if_flag);
+void adapt_halt_poll(struct vcpu *v, uint64_t halt_ns);
 
 #endif

@@ -506,6 +506,21 @@ static PyObject *Core_halt_poll_ns(CoreObject *self, PyObject *args)
 	return PyLong_FromUnsignedLongLong(s->v.halt_poll_ns);
 }
 
+/* adapt_halt_poll(index, halt_ns) -> the new window: KVM's grow/shrink after a halt
+ * Python slept (vcpu_loop.c adapt_halt_poll; the vCPU's own thread). */
+static PyObject *Core_adapt_halt_poll(CoreObject *self, PyObject *args)
+{
+	int i;
+	unsigned long long halt_ns;
+	if (!PyArg_ParseTuple(args, "iK", &i, &halt_ns))
+		return NULL;
+	struct slot *s = get_slot(self, i, false);
+	if (!s)
+		return NULL;
+	adapt_halt_poll(&s->v, halt_ns);
+	return PyLong_FromUnsignedLongLong(s->v.halt_poll_ns);
+}
+
 static PyMethodDef Core_methods[] = {
 	{"attach", (PyCFunction)Core_attach, METH_VARARGS, "attach a vCPU's fd and memory"},
 	{"run", (PyCFunction)Core_run, METH_O, "vcpu_enter_guest without the GIL"},
@@ -532,6 +547,8 @@ static PyMethodDef Core_methods[] = {
 	{"inject", (PyCFunction)Core_inject, METH_VARARGS, ""},
 	{"set", (PyCFunction)(void (*)(void))Core_set, METH_VARARGS | METH_KEYWORDS, ""},
 	{"halt_poll_ns", (PyCFunction)Core_halt_poll_ns, METH_VARARGS, ""},
+	{"adapt_halt_poll", (PyCFunction)Core_adapt_halt_poll, METH_VARARGS,
+	 "KVM's grow/shrink of the halt-poll window after a halt that slept"},
 	{NULL, NULL, 0, NULL},
 };
 
