@@ -189,6 +189,7 @@ int lapic_highest(const uint8_t *vectors);
 int lapic_pending_vector(struct vcpu *v);
 void lapic_update_ppr(struct vcpu *v);
 void lapic_ack(struct vcpu *v, int vector);
+bool lapic_irr_test_and_set(struct lapic *a, int vector);
 bool lapic_halt_ends_at_once(struct vcpu *v, bool if_flag);
 enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest);
 enum fastpath lapic_self_ipi_fast(struct vcpu *v, uint64_t value);

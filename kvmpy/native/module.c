@@ -506,6 +506,23 @@ static PyObject *Core_halt_poll_ns(CoreObject *self, PyObject *args)
 	return PyLong_FromUnsignedLongLong(s->v.halt_poll_ns);
 }
 
+/* irr_test_and_set(index, vector) -> was_set: IRR[vector] = 1 as one atomic exchange
+ * (lapic_fast.c lapic_irr_test_and_set), for Python's senders (LocalApic.accept_fixed). */
+static PyObject *Core_irr_test_and_set(CoreObject *self, PyObject *args)
+{
+	int i, vector;
+	if (!PyArg_ParseTuple(args, "ii", &i, &vector))
+		return NULL;
+	struct slot *s = get_slot(self, i, true);
+	if (!s)
+		return NULL;
+	if (vector < 0 || vector > 255) {
+		PyErr_Format(PyExc_ValueError, "vector %d out of range", vector);
+		return NULL;
+	}
+	return PyBool_FromLong(lapic_irr_test_and_set(&s->v.apic, vector));
+}
+
 /* adapt_halt_poll(index, halt_ns) -> the new window: KVM's grow/shrink after a halt
  * Python slept (vcpu_loop.c adapt_halt_poll; the vCPU's own thread). */
 static PyObject *Core_adapt_halt_poll(CoreObject *self, PyObject *args)
@@ -547,6 +564,8 @@ static PyMethodDef Core_methods[] = {
 	{"inject", (PyCFunction)Core_inject, METH_VARARGS, ""},
 	{"set", (PyCFunction)(void (*)(void))Core_set, METH_VARARGS | METH_KEYWORDS, ""},
 	{"halt_poll_ns", (PyCFunction)Core_halt_poll_ns, METH_VARARGS, ""},
+	{"irr_test_and_set", (PyCFunction)Core_irr_test_and_set, METH_VARARGS,
+	 "IRR[vector] = 1 as one atomic exchange; True if it was set"},
 	{"adapt_halt_poll", (PyCFunction)Core_adapt_halt_poll, METH_VARARGS,
 	 "KVM's grow/shrink of the halt-poll window after a halt that slept"},
 	{NULL, NULL, 0, NULL},
