@@ -38,6 +38,9 @@ def print_exit_table(stats: ExitStats, file: TextIO | None = None) -> None:
     if stats.kick_time.count or stats.wake_time.count:
         console.print(f"Kicks sent: {stats.kick_time.count} signals to vCPUs in the guest, "
                       f"{stats.wake_time.count} wake-ups of halted vCPUs")
+    if stats.timer_clamped:
+        console.print(f"APIC timer: {stats.timer_clamped} periodic count-downs clamped to "
+                      "the minimum period (KVM's min_timer_period_us)")
     halts = stats.halt_poll_success + stats.halt_slept
     if halts:
         console.print(f"Halts: {halts}, {stats.halt_poll_success} ended while polling "

@@ -103,6 +103,8 @@ class ExitStats:
         # Halts: how many ended inside the polling window (no sleep), how many slept.
         self.halt_poll_success = 0
         self.halt_slept = 0
+        # Periodic APIC timer periods clamped to the minimum (KVM's min_timer_period_us).
+        self.timer_clamped = 0
 
     def count_msr(self, op: str, index: int) -> None:
         table = self.msr_accesses
@@ -132,6 +134,7 @@ class ExitStats:
         self.invalid_opcodes += other.invalid_opcodes
         self.halt_poll_success += other.halt_poll_success
         self.halt_slept += other.halt_slept
+        self.timer_clamped += other.timer_clamped
 
 
 @dataclass(frozen=True)

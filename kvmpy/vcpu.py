@@ -295,6 +295,8 @@ class Vcpu:
         total = ExitStats(self.stats.record_time)
         total.merge(self.stats)
         add_native_stats(total, self._native)
+        if self.apic is not None:
+            total.timer_clamped += self.apic.timer.clamped
         return total
 
     # ---------------------------------------------------------------- events

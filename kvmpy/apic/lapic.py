@@ -283,6 +283,8 @@ class LocalApic:
                 snap[name] += value
         if self.timer.missed_periods:
             snap["timer_missed_periods"] = self.timer.missed_periods
+        if self.timer.clamped:
+            snap["timer_period_clamped"] = self.timer.clamped
         return snap
 
     # ================================================================ IA32_APIC_BASE
