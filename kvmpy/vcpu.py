@@ -173,6 +173,7 @@ class Vcpu:
         self._regs_u32 = memoryview(self._regs).cast("I")
         self._regs_u64 = memoryview(self._regs).cast("Q")
         self.halt_hook: Callable[[Vcpu], None] | None = None
+        self._timer_expirations = 0  # apic.timer.expirations as of the last core.run
         # This vCPU's trace ring (kvmpy.tracing), or None: each hook is one branch.
         self.tracer: Ring | None = None
 
@@ -229,7 +230,12 @@ class Vcpu:
         GIL. Returns the exit it did not complete, with the fastpath's verdict and
         the time KVM_RUN returned, or None when only the loop top has work (events
         only Python injects, or a stop)."""
-        ret, reason, a, b, c, fp, t_exit = self.core.run(self.index)
+        # Did Python expire the APIC timer since the last call? (vcpu_enter_guest: only
+        # then may a due timer wait for one entry.)
+        expired = self.apic.timer.expirations if self.apic is not None else 0
+        fresh = expired != self._timer_expirations
+        self._timer_expirations = expired
+        ret, reason, a, b, c, fp, t_exit = self.core.run(self.index, fresh)
         if ret != nc.RET_EXIT:
             return None
         return Exit((reason, a, b, c)), _FASTPATH[fp], t_exit

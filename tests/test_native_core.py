@@ -482,6 +482,7 @@ class SpinningVcpu:
         self.core = nc.Core(2, 2)
         b = buffers()
         self.stats = memoryview(b["stats"]).cast("Q")
+        self.regs = memoryview(b["regs"]).cast("Q")
         self.core.attach(0, self.fd.fd, self.fd.mapping, b["irr"], b["isr"], b["tmr"],
                          b["regs"], b["stats"])
         self.model = attach_model(self.core, 1)
@@ -496,6 +497,7 @@ class SpinningVcpu:
         if self.thread.is_alive():
             self.thread.join(BOUND_S)
         self.stats.release()
+        self.regs.release()
         del self.core
         gc.collect()
         self.fd.close()
@@ -550,6 +552,32 @@ def test_posted_signal_is_dropped_when_the_target_left_the_guest(
     signals = stats[nc.S_KICK_SIGNALS]
     core.send_posted_kicks(1)
     assert stats[nc.S_KICK_SIGNALS] == signals  # nothing sent to a vCPU out of the guest
+
+
+@pytest.mark.kvm
+def test_a_timer_due_on_entry_goes_back_to_python_unless_python_just_expired_one() -> None:
+    """vcpu_enter_guest's first pass. A timer that fell due after Python looked (its
+    kick may have been cleared with `request`) goes back at once, before any KVM_RUN: a
+    guest that makes no exit (`jmp $`; the apic_timer guest's busy wait) would never
+    get its interrupt. Only one Python just expired (timer_expired) waits for one
+    entry, the 1 ns periodic storm's guard; a kick then ends that entry."""
+    vcpu = SpinningVcpu()
+    try:
+        core, stats = vcpu.core, vcpu.stats
+        entries = lambda: sum(stats[nc.S_COUNT : nc.S_COUNT + MAX_REASON])  # noqa: E731
+        vcpu.regs[nc.Q_TIMER_DEADLINE] = time.monotonic_ns() - 1
+        first = Worker(lambda: core.run(0))
+        first.start()
+        assert first.finish()[0] == nc.RET_EVENTS  # type: ignore[index]
+        assert entries() == 0
+        guarded = Worker(lambda: core.run(0, True))
+        guarded.start()
+        wait_until(lambda: core.mode(0) == nc.IN_GUEST, "one entry with the due timer")
+        core.kick(0, -1)
+        assert guarded.finish()[0] == nc.RET_EVENTS  # type: ignore[index]
+        assert entries() == stats[nc.S_COUNT + k.KVM_EXIT_INTR] == 1
+    finally:
+        vcpu.close()
 
 
 # ------------------------------------------- IRR test-and-set for Python's senders

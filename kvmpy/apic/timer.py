@@ -43,6 +43,7 @@ class ApicTimer:
         self.tsc_hz = tsc_hz
         self.min_periodic_ns = min_periodic_ns
         self.clamped = 0  # periodic periods clamped to min_periodic_ns (kept across INIT)
+        self.expirations = 0  # expire() calls that expired the timer (kept across INIT)
         self.reset()
 
     def reset(self) -> None:
@@ -156,6 +157,7 @@ class ApicTimer:
         deadline = self.deadline_ns
         if deadline is None or now_ns < deadline:
             return False
+        self.expirations += 1
         if self.mode == TIMER_PERIODIC:
             period = self.period_ns()
             done = (now_ns - self.start_ns) // period + 1

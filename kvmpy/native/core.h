@@ -209,7 +209,7 @@ void hist_add(uint64_t *hist, uint64_t ns);
 
 /* vcpu_loop.c: the run loop. */
 enum fastpath handle_exit_irqoff(struct vcpu *v, struct exit *exit);
-enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit);
+enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit, bool timer_expired);
 bool inject_pending_irq(struct vcpu *v);
 bool sync_cr8(struct vcpu *v);
 bool vcpu_halt_in_core(struct vcpu *v, bool if_flag);

@@ -146,12 +146,13 @@ static PyObject *Core_attach(CoreObject *self, PyObject *args)
 	Py_RETURN_NONE;
 }
 
-/* run(index) -> (ret, reason, a, b, c, fastpath, t_exit_ns): vcpu_enter_guest without
- * the GIL. */
-static PyObject *Core_run(CoreObject *self, PyObject *arg)
+/* run(index, timer_expired=False) -> (ret, reason, a, b, c, fastpath, t_exit_ns):
+ * vcpu_enter_guest without the GIL; timer_expired: Python expired the APIC timer since
+ * the previous call. */
+static PyObject *Core_run(CoreObject *self, PyObject *args)
 {
-	int i = PyLong_AsLong(arg);
-	if (i == -1 && PyErr_Occurred())
+	int i, timer_expired = 0;
+	if (!PyArg_ParseTuple(args, "i|p", &i, &timer_expired))
 		return NULL;
 	struct slot *s = get_slot(self, i, true);
 	if (!s)
@@ -166,7 +167,7 @@ static PyObject *Core_run(CoreObject *self, PyObject *arg)
 	enum core_ret ret;
 	struct exit exit = {0};
 	Py_BEGIN_ALLOW_THREADS
-	ret = vcpu_enter_guest(v, &exit);
+	ret = vcpu_enter_guest(v, &exit, timer_expired);
 	Py_END_ALLOW_THREADS
 	if (ret == RET_ERROR) {
 		errno = v->err;
@@ -540,7 +541,7 @@ static PyObject *Core_adapt_halt_poll(CoreObject *self, PyObject *args)
 
 static PyMethodDef Core_methods[] = {
 	{"attach", (PyCFunction)Core_attach, METH_VARARGS, "attach a vCPU's fd and memory"},
-	{"run", (PyCFunction)Core_run, METH_O, "vcpu_enter_guest without the GIL"},
+	{"run", (PyCFunction)Core_run, METH_VARARGS, "vcpu_enter_guest without the GIL"},
 	{"kick", (PyCFunction)Core_kick, METH_VARARGS, "kvm_vcpu_kick(target, poster)"},
 	{"send_posted_kicks", (PyCFunction)Core_send_posted_kicks, METH_VARARGS, ""},
 	{"stop", (PyCFunction)Core_stop, METH_NOARGS, "stop every vCPU loop"},

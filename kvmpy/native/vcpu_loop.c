@@ -345,16 +345,20 @@ static void account(struct vcpu *v, const struct exit *exit)
 /*
  * vcpu_enter_guest, looped: returns to Python only with an exit the fastpath did not
  * complete (RET_EXIT, the verdict in *fp), events only Python injects (RET_EVENTS),
- * a stop, or an error. Called with the GIL released.
+ * a stop, or an error. Called with the GIL released. `timer_expired`: Python expired
+ * the APIC timer since the previous call.
  */
-enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit)
+enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit, bool timer_expired)
 {
 	struct vm *vm = v->vm;
 	struct kvm_run *kr = v->run;
-	/* Python processed a due timer before this call: hand a newly due one back only
-	 * after one entry, so that a periodic timer shorter than the round trip cannot
-	 * keep the vCPU out of the guest (a guest's 1 ns period; guest/timer_storm.c). */
-	bool entered = false;
+	/* Python expired the timer before this call: hand a newly due one back only after
+	 * one entry, so that a periodic timer shorter than the round trip cannot keep the
+	 * vCPU out of the guest (a 1 ns period with --min-timer-period-us 0;
+	 * guest/timer_storm.c). Any other due timer goes back at once: it fell due after
+	 * Python looked, and its kick may have come before the clear of `request` below;
+	 * entered with it, a guest that makes no exit would never get its interrupt. */
+	bool entered = !timer_expired;
 	for (;;) {
 		if (atomic_load_explicit(&vm->stopping, memory_order_acquire))
 			return RET_STOP;
