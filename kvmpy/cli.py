@@ -54,6 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvmpy.apic.timer import KVM_MIN_TIMER_PERIOD_NS
     from kvmpy.vcpu import HALT_POLL_NS_DEFAULT
 
     p = _Parser(prog="kvmpy", description="A hackable VMM in Python on Linux KVM.",
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--halt-poll-ns", dest="halt_poll_ns", type=int, default=None,
                      metavar="NS", help="longest halt-polling window (KVM's halt_poll_ns; "
                      f"default {HALT_POLL_NS_DEFAULT}, 0 never polls)")
+    run.add_argument("--min-timer-period-us", dest="min_timer_period_us", type=int,
+                     default=None, metavar="US", help="shortest period of a periodic APIC "
+                     "timer (KVM's min_timer_period_us; default "
+                     f"{KVM_MIN_TIMER_PERIOD_NS // 1000}, 0 no clamp)")
     run.add_argument("--pin-vcpus", dest="pin_vcpus", choices=("auto", "on", "off"),
                      default="auto", help="pin vCPU i to host CPU i (auto: when each vCPU "
                      "gets its own CPU)")
@@ -195,6 +200,8 @@ def cmd_run(args: argparse.Namespace,
     )
     if args.halt_poll_ns is not None:
         config.halt_poll_ns = args.halt_poll_ns
+    if args.min_timer_period_us is not None:
+        config.min_timer_period_us = args.min_timer_period_us
     if configure is not None:
         configure(config)
     serial_file = None

@@ -45,8 +45,9 @@ sequentially consistent (SC). What the C gives, and why that amounts to SC here:
    sender whose request = 1 that clear overwrote (the store-buffering shape): portable
    C would need atomic_thread_fence(memory_order_seq_cst) before those reads.
  - Python's steps run under the GIL, whose hand-offs are full barriers; its stores to
-   shared memory (accept_fixed's IRR byte through the bytearray) are followed by a
-   core call that makes a seq_cst store (core.kick), as the C sender's are.
+   shared memory are followed by a core call that makes a seq_cst store (core.kick),
+   as the C sender's are; accept_fixed's IRR byte is itself a locked xchg
+   (core.irr_test_and_set; through the bytearray only without a core).
  - The kernel's parts are atomic steps: FUTEX_WAIT compares the token and queues in
    one step relative to FUTEX_WAKE (futex(2)); pthread_kill makes a signal pending
    that KVM_RUN turns into -EINTR (KVM checks signal_pending before each guest entry

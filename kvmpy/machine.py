@@ -24,6 +24,7 @@ from kvmpy import _core
 from kvmpy.acpi import platform as acpi_platform
 from kvmpy.apic import ApicBus, LocalApic
 from kvmpy.apic.ioapic import IOAPIC_DEFAULT_BASE, IOAPIC_MMIO_SIZE, IoApic
+from kvmpy.apic.timer import KVM_MIN_TIMER_PERIOD_NS
 from kvmpy.boot import BootInfo, is_multiboot, load_flat, load_multiboot
 from kvmpy.boot.bios import setup_bios_state
 from kvmpy.boot.cpu import setup_protected_mode, setup_real_mode_sipi, write_boot_gdt
@@ -106,6 +107,8 @@ class MachineConfig:
     record_time: bool = True
     kvm_path: str = "/dev/kvm"
     halt_poll_ns: int = HALT_POLL_NS_DEFAULT  # maximum halt-polling window; 0: never poll
+    # Shortest period of a periodic APIC timer (KVM's min_timer_period_us); 0: no clamp.
+    min_timer_period_us: int = KVM_MIN_TIMER_PERIOD_NS // 1000
     # Thread placement: "auto" pins vCPU i to the i-th usable host CPU when every vCPU
     # gets its own; "on" pins round-robin anyway; "off" lets the scheduler place them.
     pin_vcpus: str = "auto"
@@ -123,6 +126,9 @@ class MachineConfig:
             raise KvmpyError(f"--irqchip must be 'user' or 'kernel', got {self.irqchip!r}")
         if not 0 <= self.halt_poll_ns <= 1_000_000_000:
             raise KvmpyError(f"--halt-poll-ns must be between 0 and 1e9, got {self.halt_poll_ns}")
+        if not 0 <= self.min_timer_period_us <= 1_000_000:
+            raise KvmpyError("--min-timer-period-us must be between 0 and 1e6, got "
+                             f"{self.min_timer_period_us}")
         if self.pin_vcpus not in ("auto", "on", "off"):
             raise KvmpyError(f"--pin-vcpus must be auto, on or off, got {self.pin_vcpus!r}")
         try:
@@ -194,6 +200,7 @@ class Machine:
                         tsc=tsc, tsc_at=tsc_at, tsc_hz=self.tsc_hz, maxphyaddr=maxphyaddr,
                         x2apic_supported=config.cpu.x2apic,
                         tsc_deadline_supported=config.cpu.tsc_deadline,
+                        min_periodic_ns=config.min_timer_period_us * 1000,
                         lint0_extint_at_reset=(i == 0),
                     )
                     fd_sregs = fd.get_sregs()  # KVM's view of IA32_APIC_BASE starts as ours

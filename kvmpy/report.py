@@ -42,6 +42,9 @@ def print_exit_table(stats: ExitStats, file: TextIO | None = None) -> None:
     if injected:
         console.print(f"Interrupts injected: {injected}, {stats.inject_sync} by KVM_RUN itself "
                       f"(kvm_run.s.regs), {stats.inject_ioctl} by KVM_INTERRUPT")
+    if stats.timer_clamped:
+        console.print(f"APIC timer: {stats.timer_clamped} periodic count-downs clamped to "
+                      "the minimum period (KVM's min_timer_period_us)")
     halts = stats.halt_poll_success + stats.halt_slept
     if halts:
         console.print(f"Halts: {halts}, {stats.halt_poll_success} ended while polling "

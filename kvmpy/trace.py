@@ -107,6 +107,8 @@ class ExitStats:
         # native core's kvm_queue_interrupt) or by a KVM_INTERRUPT ioctl.
         self.inject_sync = 0
         self.inject_ioctl = 0
+        # Periodic APIC timer periods clamped to the minimum (KVM's min_timer_period_us).
+        self.timer_clamped = 0
 
     def count_msr(self, op: str, index: int) -> None:
         table = self.msr_accesses
@@ -138,6 +140,7 @@ class ExitStats:
         self.halt_slept += other.halt_slept
         self.inject_sync += other.inject_sync
         self.inject_ioctl += other.inject_ioctl
+        self.timer_clamped += other.timer_clamped
 
 
 @dataclass(frozen=True)

@@ -54,12 +54,10 @@ if TYPE_CHECKING:
     from kvmpy.tracing.recorder import Ring
 
 KICK_SIGNAL = signal.SIGUSR1
-# KVM's halt-polling module parameters (virt/kvm/kvm_main.c). The maximum window is
-# KVM's default (halt_poll_ns = 200 us); the core polls without the GIL.
+# KVM's halt_poll_ns module parameter (virt/kvm/kvm_main.c): the maximum window, KVM's
+# default 200 us. The core polls without the GIL, and grows and shrinks the window
+# (grow 2, grow_start 10 us, shrink 2: vcpu_loop.c adapt_halt_poll).
 HALT_POLL_NS_DEFAULT = 200_000
-HALT_POLL_GROW = 2
-HALT_POLL_GROW_START_NS = 10_000
-HALT_POLL_SHRINK = 2
 
 
 # The vCPU whose thread this is (set by run_loop): a kick requested by its exit handling
@@ -176,6 +174,7 @@ class Vcpu:
         self._regs_u32 = memoryview(self._regs).cast("I")
         self._regs_u64 = memoryview(self._regs).cast("Q")
         self.halt_hook: Callable[[Vcpu], None] | None = None
+        self._timer_expirations = 0  # apic.timer.expirations as of the last core.run
         # This vCPU's trace ring (kvmpy.tracing), or None: each hook is one branch.
         self.tracer: Ring | None = None
 
@@ -233,7 +232,12 @@ class Vcpu:
         GIL. Returns the exit it did not complete, with the fastpath's verdict and
         the time KVM_RUN returned, or None when only the loop top has work (events
         only Python injects, or a stop)."""
-        ret, reason, a, b, c, fp, t_exit = self.core.run(self.index)
+        # Did Python expire the APIC timer since the last call? (vcpu_enter_guest: only
+        # then may a due timer wait for one entry.)
+        expired = self.apic.timer.expirations if self.apic is not None else 0
+        fresh = expired != self._timer_expirations
+        self._timer_expirations = expired
+        ret, reason, a, b, c, fp, t_exit = self.core.run(self.index, fresh)
         if ret != nc.RET_EXIT:
             return None
         return Exit((reason, a, b, c)), _FASTPATH[fp], t_exit
@@ -299,6 +303,8 @@ class Vcpu:
         total = ExitStats(self.stats.record_time)
         total.merge(self.stats)
         add_native_stats(total, self._native)
+        if self.apic is not None:
+            total.timer_clamped += self.apic.timer.clamped
         return total
 
     # ---------------------------------------------------------------- events
@@ -418,10 +424,10 @@ class Vcpu:
     def _block_until_runnable(self) -> None:
         """Sleep while halted or waiting for SIPI, until an event or the VM stops.
 
-        A halted vCPU first polls (`_poll_halt`); the adaptive window follows KVM's
-        kvm_vcpu_halt: unchanged after a wake-up inside it, grown after a short halt
+        A halted vCPU first polls (`_poll_halt`); after a halt that slept, the core
+        adapts the window as KVM's kvm_vcpu_halt (vcpu_loop.c adapt_halt_poll, the one
+        implementation): unchanged after a wake-up inside it, grown after a short halt
         that outlasted it, shrunk after a halt longer than the maximum."""
-        machine = self.machine
         tr = self.tracer
         if tr is not None:
             tr.rec(tracing.BLOCK, 2 if self.state is VcpuState.WAIT_FOR_SIPI else 1, 0)
@@ -437,8 +443,7 @@ class Vcpu:
         self._sleep_until_runnable()
         if halted:
             self.stats.halt_slept += 1
-        if halted and machine.halt_poll_max_ns:
-            self._adapt_halt_poll(time.monotonic_ns() - start)
+            self.core.adapt_halt_poll(self.index, time.monotonic_ns() - start)
 
     def _poll_halt(self, end_ns: int) -> bool:
         """Poll until a wake-up event or `end_ns` (time.monotonic_ns), the spinning done
@@ -463,19 +468,6 @@ class Vcpu:
             return False
         finally:
             core.poll_end(i)
-
-    def _adapt_halt_poll(self, halt_ns: int) -> None:
-        """KVM's grow_halt_poll_ns / shrink_halt_poll_ns (module parameters grow 2,
-        grow_start 10 us, shrink 2), after a halt that ended by sleeping (the core's
-        adapt_halt_poll, for the halts Python sleeps)."""
-        poll_ns = self.halt_poll_ns
-        max_ns = self.machine.halt_poll_max_ns
-        if poll_ns and halt_ns > max_ns:
-            poll_ns //= HALT_POLL_SHRINK
-            self.halt_poll_ns = 0 if poll_ns < HALT_POLL_GROW_START_NS else poll_ns
-        elif poll_ns < max_ns and halt_ns < max_ns:
-            self.halt_poll_ns = min(max(poll_ns * HALT_POLL_GROW, HALT_POLL_GROW_START_NS),
-                                    max_ns)
 
     def _sleep_until_runnable(self) -> None:
         """Sleep on the core's futex until an event makes the vCPU runnable or the VM

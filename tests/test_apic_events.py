@@ -12,6 +12,7 @@ from kvmpy.apic import (
     MSR_X2APIC_SELF_IPI,
 )
 from kvmpy.apic import constants as c
+from kvmpy.apic.lapic import ACCEPT_REJECTED, ACCEPT_SET
 from kvmpy.apic.testing import make_system, read_reg, send, write_reg
 
 
@@ -92,7 +93,7 @@ def test_receive_illegal_vector_sets_no_irr():
     s = make_system(1, x2apic=True)
     apic = s[0]
     for v in range(16):
-        assert apic.accept_fixed(v, False) is False
+        assert apic.accept_fixed(v, False) == ACCEPT_REJECTED
     assert apic.irr.rfind(1) == -1
     apic.wrmsr(0x828, 0)
     assert apic.rdmsr(0x828) == ESR_RECV_ILLEGAL_VECTOR
@@ -117,9 +118,9 @@ def test_error_lvt_interrupt(x2apic):
     write_reg(apic, c.REG_LVT_ERROR, 0xFE)
     send(apic, 0x01, 1)
     assert apic.pending_vector() == 0xFE
-    assert s[1].accept_fixed(0x02, False) is False  # target's error LVT still masked
+    assert s[1].accept_fixed(0x02, False) == ACCEPT_REJECTED  # target's error LVT still masked
     write_reg(s[1], c.REG_LVT_ERROR, 0xFD)
-    assert s[1].accept_fixed(0x02, False) is True
+    assert s[1].accept_fixed(0x02, False) == ACCEPT_SET
     assert s[1].pending_vector() == 0xFD
 
 
@@ -127,7 +128,7 @@ def test_error_lvt_with_illegal_vector_does_not_recurse():
     s = make_system(1)
     apic = s[0]
     apic.mmio_write(c.REG_LVT_ERROR, 4, 0x05)
-    assert apic.accept_fixed(0x03, False) is False
+    assert apic.accept_fixed(0x03, False) == ACCEPT_REJECTED
     assert apic.irr.rfind(1) == -1
     apic.mmio_write(c.REG_ESR, 4, 0)
     assert apic.mmio_read(c.REG_ESR, 4) == ESR_RECV_ILLEGAL_VECTOR
@@ -146,7 +147,7 @@ def test_software_disable(x2apic):
         assert read_reg(apic, c.REG_LVT_TIMER + 0x10 * i) == c.LVT_MASKED | (0x40 + i)
     write_reg(apic, c.REG_LVT_ERROR, 0x50)
     assert read_reg(apic, c.REG_LVT_ERROR) == c.LVT_MASKED | 0x50
-    assert apic.accept_fixed(0x60, False) is False and apic.irr[0x60] == 0
+    assert apic.accept_fixed(0x60, False) == ACCEPT_REJECTED and apic.irr[0x60] == 0
     apic.accept_nmi()
     assert apic.has_pending_events()
     send(apic, 0x61, 1)

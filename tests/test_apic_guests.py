@@ -241,7 +241,13 @@ def test_apic_timer_modes(mode: str) -> None:
 # A bug this found, fixed: LocalApic.wrmsr(MSR_TSC_DEADLINE) read the host clock twice
 # (clock_ns(), then tsc()); a delay between the reads (GIL hand-off, preemption on a
 # loaded host) made the deadline early by that delay. It now derives the TSC from the
-# one clock reading (LocalApic.tsc_at).
+# one clock reading (LocalApic.tsc_at). The busy case still failed now and then under
+# load (300-350 us early at load 10+): the guest timed the interrupt by the TSC its wait
+# loop read last, which precedes the loop's test of `ticks`; a vCPU held across the
+# deadline between the two took the interrupt after the read. The guest now times it
+# in the handler. Probing this found a real bug, fixed: a TSC-deadline timer falling
+# due between Python's look and KVM_RUN was left to the next exit (vcpu_enter_guest's
+# first pass; tests/test_native_core.py).
 
 
 def test_tsc_deadline_interrupt_never_comes_early() -> None:

@@ -5,7 +5,7 @@ import pytest
 from kvmpy.apic import MSR_TSC_DEADLINE, ApicBus, LocalApic
 from kvmpy.apic import constants as c
 from kvmpy.apic.testing import FakeClock, make_system, read_reg, write_reg
-from kvmpy.apic.timer import divide_from_tdcr
+from kvmpy.apic.timer import KVM_MIN_TIMER_PERIOD_NS, divide_from_tdcr
 
 ONESHOT, PERIODIC, DEADLINE = 0, 1 << 17, 2 << 17
 VEC = 0xEC
@@ -156,6 +156,59 @@ def test_min_periodic_clamp():
     apic.mmio_write(c.REG_LVT_TIMER, 4, VEC)  # one-shot: no clamp on the next start
     apic.mmio_write(c.REG_TIMER_INITIAL, 4, 10)
     assert apic.timer_deadline_ns() == clock.now + 10
+
+
+def kvm_clamped_apic() -> tuple[FakeClock, LocalApic]:
+    """An enabled APIC with KVM's minimum period, as Machine makes it (the default
+    --min-timer-period-us)."""
+    clock = FakeClock()
+    bus = ApicBus(lambda i: None)
+    apic = LocalApic(0, bus, bsp=True, clock_ns=clock.ns, tsc=clock.tsc,
+                     tsc_hz=clock.tsc_hz, min_periodic_ns=KVM_MIN_TIMER_PERIOD_NS)
+    bus.add(apic)
+    apic.mmio_write(c.REG_SVR, 4, 0x1FF)
+    apic.mmio_write(c.REG_TIMER_DIVIDE, 4, 0xB)  # divide by 1: one count per ns
+    return clock, apic
+
+
+def test_kvm_clamps_a_tiny_periodic_period_to_200_us():
+    """KVM's limit_periodic_timer_frequency (min_timer_period_us = 200): a 1-count
+    period (1 ns, guest/timer_storm.c) fires every 200 us, not every ns; counted."""
+    assert KVM_MIN_TIMER_PERIOD_NS == 200_000
+    clock, apic = kvm_clamped_apic()
+    apic.mmio_write(c.REG_LVT_TIMER, 4, VEC | PERIODIC)
+    apic.mmio_write(c.REG_TIMER_INITIAL, 4, 1)
+    t0 = clock.now
+    assert apic.timer_deadline_ns() == t0 + 200_000
+    assert not apic.timer_expired(clock.advance(199_999))
+    assert apic.timer_expired(clock.advance(1)) and apic.irr[VEC]
+    assert apic.timer_deadline_ns() == t0 + 400_000
+    assert apic.timer_expired(clock.advance(1_000_000))  # 5 periods late: one interrupt
+    assert apic.timer_deadline_ns() == t0 + 1_400_000
+    assert apic.timer.missed_periods == 4
+    assert apic.stats["timer_period_clamped"] == 1
+    apic.mmio_write(c.REG_TIMER_DIVIDE, 4, 0x0)  # divide by 2: 2 ns, still clamped
+    assert apic.timer_deadline_ns() - clock.now <= 200_000
+    assert apic.stats["timer_period_clamped"] == 2
+
+
+def test_kvm_leaves_a_normal_period_and_one_shot_timers_alone():
+    clock, apic = kvm_clamped_apic()
+    apic.mmio_write(c.REG_LVT_TIMER, 4, VEC | PERIODIC)
+    apic.mmio_write(c.REG_TIMER_INITIAL, 4, 1_000_000)  # 1 ms
+    t0 = clock.now
+    assert apic.timer_deadline_ns() == t0 + 1_000_000
+    assert apic.timer_expired(clock.advance(1_000_000))
+    assert apic.timer_deadline_ns() == t0 + 2_000_000
+    apic.mmio_write(c.REG_TIMER_INITIAL, 4, 200_000)  # exactly the minimum
+    assert apic.timer_deadline_ns() == clock.now + 200_000
+    apic.mmio_write(c.REG_LVT_TIMER, 4, VEC | ONESHOT)
+    apic.mmio_write(c.REG_TIMER_INITIAL, 4, 10)  # one-shot: KVM does not clamp it
+    assert apic.timer_deadline_ns() == clock.now + 10
+    assert apic.stats["timer_period_clamped"] == 0
+    apic.mmio_write(c.REG_LVT_TIMER, 4, VEC | PERIODIC)  # the running 10 ns, periodic now
+    assert apic.stats["timer_period_clamped"] == 1  # KVM: apic_update_lvtt clamps it
+    assert apic.timer_deadline_ns() == clock.now + 200_000
 
 
 # ---- TSC-deadline mode (SDM 10.5.4.1); fake TSC runs at 2 GHz -----------------------

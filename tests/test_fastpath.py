@@ -554,8 +554,10 @@ class _FakeCore:
 
     def __init__(self, result: tuple) -> None:
         self.result = result
+        self.timer_expired: list[bool] = []
 
-    def run(self, index: int) -> tuple:
+    def run(self, index: int, timer_expired: bool = False) -> tuple:
+        self.timer_expired.append(timer_expired)
         return self.result
 
 
@@ -572,6 +574,28 @@ def test_vcpu_run_returns_the_exit_and_stores_nothing():
     assert dict(vars(vcpu)) == before, "run() stored something on the vCPU"
     vcpu.core = _FakeCore((1, 0, 0, 0, 0, 0, 0))  # RET_EVENTS: nothing for Python's dispatch
     assert vcpu.run() is None
+
+
+def test_vcpu_run_tells_the_core_when_python_expired_the_timer():
+    """Only a timer Python expired since the last call may wait for one entry in the
+    core (vcpu_enter_guest's storm guard); any other due timer comes back at once."""
+    system = make_system(1, x2apic=True)
+    apic = system[0]
+    fd = type("Fd", (), {"view": None, "fd": -1})()
+    vcpu = Vcpu(FakeMachine(), 0, fd, apic, fastpath=True,  # type: ignore[arg-type]
+                stats=ExitStats(False))
+    vcpu.core = core = _FakeCore((1, 0, 0, 0, 0, 0, 0))
+    apic.wrmsr(c.X2APIC_MSR_FIRST + (c.REG_LVT_TIMER >> 4), 0x60 | 1 << 17)  # periodic
+    apic.wrmsr(c.X2APIC_MSR_FIRST + (c.REG_TIMER_DIVIDE >> 4), 0xB)  # by 1: 1 ns a count
+    apic.wrmsr(c.X2APIC_MSR_FIRST + (c.REG_TIMER_INITIAL >> 4), 1000)
+    vcpu.run()
+    assert apic.timer_expired(system.clock.advance(1000))
+    vcpu.run()
+    vcpu.run()
+    assert apic.timer_expired(system.clock.advance(5000))  # and its missed periods
+    assert not apic.timer_expired(system.clock.now)
+    vcpu.run()
+    assert core.timer_expired == [False, True, False, True]
 
 
 # ---------------------------------------------------------------- EOI and HLT fastpaths

@@ -299,7 +299,9 @@ PY_ORDER = [  # Python's half: the order in which it calls the core's primitives
                                   "core.sleep_end(i)"]),
     (Vcpu.kick, ["self.core.kick(self.index"]),
     (ApicBus._deliver, ["target.accept_fixed(vector, False)", "self.notify(target.index)"]),
-    (LocalApic.accept_fixed, ["self.irr[vector] = 1"]),
+    (LocalApic.accept_fixed, ["self.tmr[vector] =", "self.irr_test_and_set(vector)"]),
+    (LocalApic.irr_test_and_set, ["core.irr_test_and_set(self.index, vector)",
+                                  "self.irr[vector] = 1"]),
     (Machine._notify_vcpu, ["self.vcpus[index].kick()"]),
     (Machine.stop, ["self.stopping = True", "core.stop()"]),
 ]
@@ -342,6 +344,15 @@ def test_seq_cst_stores_compile_to_full_barriers(function):
     barriers = len(re.findall(r"\b(xchg|mfence)\b", _disassembly(function)))
     assert stores > 0
     assert barriers >= stores, f"{stores} seq_cst stores, {barriers} xchg/mfence"
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) missing")
+def test_pythons_irr_test_and_set_is_one_locked_exchange():
+    """Core.irr_test_and_set (Python's senders): the test and the set are one xchg,
+    not a load and a store the owner's INTA (lapic_ack) could come between."""
+    asm = _disassembly("lapic_irr_test_and_set")
+    assert re.search(r"\bxchg\b", asm), asm
+    assert "lapic_irr_test_and_set" in _c_function("kvmpy/native/module.c:Core_irr_test_and_set")
 
 
 # ---------------------------------------------------------------- 4. the real primitives

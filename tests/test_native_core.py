@@ -19,8 +19,19 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kvmpy import _core as nc
-from kvmpy.apic import ApicBus, LocalApic
-from kvmpy.apic.testing import FakeClock
+from kvmpy.apic import (
+    DM_FIXED,
+    DM_LOWEST,
+    ICR_DEST_LOGICAL,
+    MSR_X2APIC_SELF_IPI,
+    SH_ALL_BUT,
+    ApicBus,
+    LocalApic,
+)
+from kvmpy.apic.constants import REG_SVR
+from kvmpy.apic.destination import x2apic_ldr
+from kvmpy.apic.lapic import ACCEPT_MERGED, ACCEPT_REJECTED, ACCEPT_SET
+from kvmpy.apic.testing import ApicSystem, FakeClock, make_system, send, write_reg
 from kvmpy.kvm import ioctls as k
 from kvmpy.kvm import structs
 from kvmpy.trace import MAX_REASON, NBUCKETS
@@ -471,6 +482,7 @@ class SpinningVcpu:
         self.core = nc.Core(2, 2)
         b = buffers()
         self.stats = memoryview(b["stats"]).cast("Q")
+        self.regs = memoryview(b["regs"]).cast("Q")
         self.core.attach(0, self.fd.fd, self.fd.mapping, b["irr"], b["isr"], b["tmr"],
                          b["regs"], b["stats"])
         self.model = attach_model(self.core, 1)
@@ -485,6 +497,7 @@ class SpinningVcpu:
         if self.thread.is_alive():
             self.thread.join(BOUND_S)
         self.stats.release()
+        self.regs.release()
         del self.core
         gc.collect()
         self.fd.close()
@@ -539,3 +552,115 @@ def test_posted_signal_is_dropped_when_the_target_left_the_guest(
     signals = stats[nc.S_KICK_SIGNALS]
     core.send_posted_kicks(1)
     assert stats[nc.S_KICK_SIGNALS] == signals  # nothing sent to a vCPU out of the guest
+
+
+@pytest.mark.kvm
+def test_a_timer_due_on_entry_goes_back_to_python_unless_python_just_expired_one() -> None:
+    """vcpu_enter_guest's first pass. A timer that fell due after Python looked (its
+    kick may have been cleared with `request`) goes back at once, before any KVM_RUN: a
+    guest that makes no exit (`jmp $`; the apic_timer guest's busy wait) would never
+    get its interrupt. Only one Python just expired (timer_expired) waits for one
+    entry, the 1 ns periodic storm's guard; a kick then ends that entry."""
+    vcpu = SpinningVcpu()
+    try:
+        core, stats = vcpu.core, vcpu.stats
+        entries = lambda: sum(stats[nc.S_COUNT : nc.S_COUNT + MAX_REASON])  # noqa: E731
+        vcpu.regs[nc.Q_TIMER_DEADLINE] = time.monotonic_ns() - 1
+        first = Worker(lambda: core.run(0))
+        first.start()
+        assert first.finish()[0] == nc.RET_EVENTS  # type: ignore[index]
+        assert entries() == 0
+        guarded = Worker(lambda: core.run(0, True))
+        guarded.start()
+        wait_until(lambda: core.mode(0) == nc.IN_GUEST, "one entry with the due timer")
+        core.kick(0, -1)
+        assert guarded.finish()[0] == nc.RET_EVENTS  # type: ignore[index]
+        assert entries() == stats[nc.S_COUNT + k.KVM_EXIT_INTR] == 1
+    finally:
+        vcpu.close()
+
+
+# ------------------------------------------- IRR test-and-set for Python's senders
+def _apics(with_core: bool) -> tuple[ApicSystem, nc.Core | None]:
+    """Three x2APICs; with_core: on a Core as Machine wires them (every vCPU attached
+    with its LocalApic's memory, then bus.core), so Python's senders use its exchange."""
+    system = make_system(3, x2apic=True)
+    if not with_core:
+        return system, None
+    core = nc.Core(3, 2)
+    for i, apic in enumerate(system.apics):
+        core.attach(i, -1, None, apic.irr, apic.isr, apic.tmr, apic.regs,
+                    bytearray(nc.S_NWORDS * 8))
+    system.bus.core = core
+    return system, core
+
+
+def test_irr_test_and_set_is_one_exchange_on_the_apics_own_byte() -> None:
+    system, core = _apics(True)
+    irr = system[1].irr
+    assert core.irr_test_and_set(1, 0x40) is False and irr[0x40] == 1
+    assert core.irr_test_and_set(1, 0x40) is True and irr[0x40] == 1
+    assert irr.count(1) == 1 and not system[0].irr.count(1) and not system[2].irr.count(1)
+    assert core.inject(1, True, True, 0) == (0x40, 0)  # the C's INTA takes the byte
+    assert irr[0x40] == 0 and system[1].isr[0x40] == 1
+    assert core.irr_test_and_set(1, 0x40) is False  # pending again, behind the ISR bit
+    with pytest.raises(ValueError, match="vector 256"):
+        core.irr_test_and_set(1, 256)
+    with pytest.raises(ValueError, match="not attached"):
+        nc.Core(1, 2).irr_test_and_set(0, 0x40)
+
+
+@pytest.mark.parametrize("with_core", [False, True], ids=["pure model", "core attached"])
+def test_accept_fixed_says_set_then_merged_on_either_path(with_core: bool) -> None:
+    """The return value and the IRR byte are the same through the core's exchange and
+    through the pure model's read-then-store."""
+    system, core = _apics(with_core)
+    apic = system[1]
+    assert apic.accept_fixed(0x40, False) == ACCEPT_SET and apic.irr[0x40] == 1
+    assert apic.accept_fixed(0x40, True) == ACCEPT_MERGED and apic.irr[0x40] == 1
+    assert apic.tmr[0x40] == 1  # the merged one's trigger mode, written before IRR
+    assert apic.irr.count(1) == 1
+    if core is None:
+        apic.ack(0x40)
+    else:
+        assert core.inject(1, True, True, 0) == (0x40, 0)
+    assert apic.accept_fixed(0x40, False) == ACCEPT_SET
+    assert apic.irr[0x40] == 1 and apic.isr[0x40] == 1
+    write_reg(apic, REG_SVR, 0xFF)  # software-disabled: rejected, IRR untouched
+    assert apic.accept_fixed(0x41, False) == ACCEPT_REJECTED and apic.irr[0x41] == 0
+    assert apic.stats["ipi_received"] == 3
+
+
+class _RecordingCore:
+    """A Core that records Python's calls of irr_test_and_set (and passes them on)."""
+
+    def __init__(self, core: nc.Core) -> None:
+        self.core = core
+        self.calls: list[tuple[int, int]] = []
+
+    def set(self, **kw: int) -> None:
+        self.core.set(**kw)
+
+    def irr_test_and_set(self, index: int, vector: int) -> bool:
+        self.calls.append((index, vector))
+        return self.core.irr_test_and_set(index, vector)
+
+
+def test_pythons_fixed_deliveries_set_irr_through_the_core() -> None:
+    """Every route by which Python sets IRR for a fixed interrupt: the ICR's hot route,
+    the general route (shorthand, logical, lowest priority), SELF IPI and an I/O APIC
+    message, each through the core's exchange; the kick follows as before."""
+    system, core = _apics(True)
+    rec = _RecordingCore(core)
+    system.bus.core = rec
+    send(system[0], 0x40, 1)  # physical fixed: the hot route
+    send(system[0], SH_ALL_BUT << 18 | 0x41, 0)  # vCPUs 1 and 2
+    send(system[0], ICR_DEST_LOGICAL | 0x42, x2apic_ldr(2))
+    send(system[0], DM_LOWEST << 8 | 0x43, 0xFFFFFFFF)
+    system[2].wrmsr(MSR_X2APIC_SELF_IPI, 0x44)
+    system.bus.deliver_irq(0x45, DM_FIXED, 1, False, True)
+    send(system[0], 0x40, 1)  # merges
+    assert rec.calls == [(1, 0x40), (1, 0x41), (2, 0x41), (2, 0x42), (0, 0x43), (2, 0x44),
+                         (1, 0x45), (1, 0x40)]
+    assert system.notified == [1, 1, 2, 2, 0, 2, 1, 1]
+    assert system[1].irr.count(1) == 3 and system[1].tmr[0x45] == 1

@@ -15,12 +15,7 @@ from kvmpy.apic.testing import make_system
 from kvmpy.kvm import run as kr
 from kvmpy.kvm.run import RunView
 from kvmpy.trace import ExitStats
-from kvmpy.vcpu import (
-    HALT_POLL_GROW_START_NS,
-    Vcpu,
-    VcpuMode,
-    VcpuState,
-)
+from kvmpy.vcpu import Vcpu, VcpuMode, VcpuState
 
 
 class _Fd:
@@ -114,17 +109,49 @@ def test_polling_off_or_not_allowed_sleeps_and_the_kick_wakes_it():
 
 
 def test_the_window_grows_after_short_halts_and_shrinks_after_long_ones():
+    """The core's adapt_halt_poll, KVM's kvm_vcpu_halt with grow 2, grow_start 10 us,
+    shrink 2, maximum 200 us: grow from 0 to grow_start, double, cap at the maximum;
+    halve after a halt longer than the maximum, and below grow_start turn off. A halt
+    that ended inside the window leaves it (KVM: halt_ns <= halt_poll_ns)."""
+    core = halted_vcpus(2, 200_000)[0].core
+    grow = [core.adapt_halt_poll(0, 190_000) for _ in range(6)]
+    assert grow == [10_000, 20_000, 40_000, 80_000, 160_000, 200_000]
+    assert core.adapt_halt_poll(0, 150_000) == 200_000  # inside the window: unchanged
+    assert core.adapt_halt_poll(0, 200_000) == 200_000  # == the window: unchanged
+    assert core.adapt_halt_poll(0, 1_000_000) == 100_000  # longer than the maximum
+    core.halt_poll_ns(0, 150_000)
+    assert core.adapt_halt_poll(0, 180_000) == 200_000  # 300 us, capped
+    shrink = [core.adapt_halt_poll(0, 1_000_000) for _ in range(6)]
+    assert shrink == [100_000, 50_000, 25_000, 12_500, 0, 0]  # 6,250 < grow_start: off
+    assert core.adapt_halt_poll(0, 200_000) == 0  # == the maximum: neither rule
+    assert core.adapt_halt_poll(0, 5_000) == 10_000  # a short halt opens it again
+    core.halt_poll_ns(0, 40_000)
+    assert core.adapt_halt_poll(0, 30_000) == 40_000  # inside the window (no poll ran)
+    assert core.halt_poll_ns(1) == 0, "per vCPU"
+    off = halted_vcpu(0).core
+    off.halt_poll_ns(0, 40_000)
+    assert off.adapt_halt_poll(0, 1_000) == 0  # no maximum: KVM sets the window to 0
+
+
+def test_pythons_halt_adapts_the_window_through_the_core():
+    """A halt Python sleeps (IF=0, --fastpath python/off) grows the core's window: the
+    one implementation (vcpu_loop.c adapt_halt_poll), not a copy in vcpu.py."""
     vcpu = halted_vcpu(200_000)
-    seen = []
-    for _ in range(6):
-        vcpu._adapt_halt_poll(150_000)  # short halt that outlasted the window: grow
-        seen.append(vcpu.halt_poll_ns)
-    assert seen == [HALT_POLL_GROW_START_NS, 20_000, 40_000, 80_000, 160_000, 200_000]
-    vcpu._adapt_halt_poll(1_000_000)  # longer than the maximum: shrink by 2
-    assert vcpu.halt_poll_ns == 100_000
-    for _ in range(4):
-        vcpu._adapt_halt_poll(1_000_000)
-    assert vcpu.halt_poll_ns == 0  # below grow_start: off until a short halt again
+    assert not hasattr(vcpu, "_adapt_halt_poll")
+    th = _deliver_later(vcpu, 0.0)
+    vcpu._block_until_runnable()  # window 0: no poll, it sleeps
+    th.join()
+    assert vcpu.stats.halt_slept == 1
+    # The sleep lasted under 200 us (grow to 10 us) or longer (window 0 stays 0).
+    assert vcpu.halt_poll_ns in (0, 10_000)
+    vcpu.apic.ack(0x40)
+    vcpu.apic.eoi()
+    vcpu.state = VcpuState.HALTED
+    vcpu.halt_poll_ns = 20_000
+    th = _deliver_later(vcpu, 0.05)  # 50 ms: longer than the maximum
+    vcpu._block_until_runnable()
+    th.join()
+    assert vcpu.halt_poll_ns == 10_000, "shrunk by 2 after a long halt"
 
 
 def test_with_polling_off_the_window_never_opens():

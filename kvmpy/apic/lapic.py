@@ -50,6 +50,9 @@ _X2APIC_ICR_RESERVED = c.X2APIC_ICR_RESERVED
 _MMIO_HOLE = 0xFFFFFFFFFFFFFFFF
 _LVT_TIMER_DEADLINE_BIT = c.TIMER_TSC_DEADLINE << c.LVT_TIMER_MODE_SHIFT  # bit 18
 _MODES = (ApicMode.DISABLED, ApicMode.XAPIC, ApicMode.X2APIC)
+# What LocalApic.accept_fixed returns: nothing pending from it; it set IRR[vector] (its
+# sender kicks); IRR[vector] was set already (merged, SDM 10.8.4).
+ACCEPT_REJECTED, ACCEPT_SET, ACCEPT_MERGED = 0, 1, 2
 
 
 def _reg(index: int, doc: str) -> property:
@@ -280,6 +283,8 @@ class LocalApic:
                 snap[name] += value
         if self.timer.missed_periods:
             snap["timer_missed_periods"] = self.timer.missed_periods
+        if self.timer.clamped:
+            snap["timer_period_clamped"] = self.timer.clamped
         return snap
 
     # ================================================================ IA32_APIC_BASE
@@ -650,23 +655,41 @@ class LocalApic:
         return True
 
     # ================================================================ delivery (any thread)
-    def accept_fixed(self, vector: int, level_triggered: bool) -> bool:
+    def accept_fixed(self, vector: int, level_triggered: bool) -> int:
         """Accept a fixed (or lowest-priority, once arbitrated) interrupt (SDM 10.8.1).
 
         Rejected when the APIC is disabled, globally or by SVR (SDM 10.4.7.2). A vector
         below 16 sets ESR bit 6 and no IRR bit (SDM 10.5.3). TMR is written before IRR,
-        so the owner never sees the IRR bit with a stale trigger mode. True if an
-        interrupt became pending (the vector, or the LVT error interrupt).
+        so the owner never sees the IRR bit with a stale trigger mode. Returns
+        ACCEPT_REJECTED (0: nothing became pending), ACCEPT_SET (this interrupt set
+        IRR[vector], or the LVT error interrupt's) or ACCEPT_MERGED (IRR[vector] was set
+        already: one pending interrupt per vector, SDM 10.8.4), read and set in one
+        atomic step (``irr_test_and_set``): truthy whenever an interrupt is pending.
         """
         if not self.sw_enabled or self.mode is _DISABLED:
             self._rx_rejected.inc()
-            return False
+            return ACCEPT_REJECTED
         if vector < 16:
-            return self._record_error(c.ESR_RECV_ILLEGAL_VECTOR)
+            return ACCEPT_SET if self._record_error(c.ESR_RECV_ILLEGAL_VECTOR) \
+                else ACCEPT_REJECTED
         self.tmr[vector] = 1 if level_triggered else 0
-        self.irr[vector] = 1
+        was_set = self.irr_test_and_set(vector)
         self._rx_fixed.inc()
-        return True
+        return ACCEPT_MERGED if was_set else ACCEPT_SET
+
+    def irr_test_and_set(self, vector: int) -> bool:
+        """IRR[vector] = 1; True if it was set already. With the native core attached
+        (``bus.core``, as Machine does) it is the core's one atomic exchange
+        (lapic_fast.c lapic_irr_test_and_set, acq_rel): the owner takes IRR bytes in C
+        without the GIL (lapic_ack), so a read, then a store here could take a byte the
+        owner has just acknowledged for a pending one. Without a core (the pure model)
+        no other thread acknowledges, and the read and the store are enough."""
+        core = self.bus.core
+        if core is not None:
+            return core.irr_test_and_set(self.index, vector)
+        was_set = self.irr[vector]
+        self.irr[vector] = 1
+        return was_set == 1
 
     def accept_nmi(self) -> None:
         """NMI message (SDM 10.6.1): bypasses IRR/ISR; accepted even if SVR-disabled."""

@@ -4,6 +4,12 @@ No thread and no host timer: the VMM asks ``deadline_ns`` for the next expiry, a
 calls ``expire(now)`` when that time has come. The count is derived from the clock:
 the APIC bus runs at 1 GHz (one tick per ns, as KVM's APIC_BUS_CYCLE_NS = 1), and the
 counter decrements once per ``divide`` ticks.
+
+A periodic timer's period is clamped to ``min_periodic_ns`` (the VMM passes
+KVM_MIN_TIMER_PERIOD_NS): KVM's limit_periodic_timer_frequency (arch/x86/kvm/lapic.c)
+does so at each start, divide change and mode change of a periodic timer, "since the
+hrtimers are not throttled by the host scheduler"; one-shot and TSC-deadline timers
+are not clamped.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ from .constants import (
     TIMER_PERIODIC,
     TIMER_TSC_DEADLINE,
 )
+
+# KVM's min_timer_period_us module parameter (arch/x86/kvm/x86.c, default 200): the
+# shortest period of a periodic APIC timer (lapic.c limit_periodic_timer_frequency).
+KVM_MIN_TIMER_PERIOD_NS = 200_000
 
 
 def divide_from_tdcr(tdcr: int) -> int:
@@ -32,6 +42,8 @@ class ApicTimer:
     def __init__(self, tsc_hz: int, min_periodic_ns: int = 0) -> None:
         self.tsc_hz = tsc_hz
         self.min_periodic_ns = min_periodic_ns
+        self.clamped = 0  # periodic periods clamped to min_periodic_ns (kept across INIT)
+        self.expirations = 0  # expire() calls that expired the timer (kept across INIT)
         self.reset()
 
     def reset(self) -> None:
@@ -97,6 +109,7 @@ class ApicTimer:
             return
         self.start_ns = now_ns
         self.deadline_ns = now_ns + self.period_ns()
+        self._count_clamp()
 
     def set_divide(self, tdcr: int, now_ns: int) -> None:
         """Divide-configuration write; a running count-down continues from its current
@@ -111,6 +124,14 @@ class ApicTimer:
         """Move start_ns so that the count-down reads ``count`` now."""
         self.start_ns = now_ns - (self.initial_count - count) * self._tick_ns()
         self.deadline_ns = self.start_ns + self.period_ns()
+        self._count_clamp()
+
+    def _count_clamp(self) -> None:
+        """After a periodic count-down (re)started: count it if its period was clamped
+        (where KVM calls limit_periodic_timer_frequency, which logs it)."""
+        if self.mode == TIMER_PERIODIC and \
+                self.initial_count * self._tick_ns() < self.min_periodic_ns:
+            self.clamped += 1
 
     def set_tsc_deadline(self, value: int, now_ns: int, tsc_now: int) -> None:
         """IA32_TSC_DEADLINE write in TSC-deadline mode: arm at ``value`` (TSC units), or
@@ -136,6 +157,7 @@ class ApicTimer:
         deadline = self.deadline_ns
         if deadline is None or now_ns < deadline:
             return False
+        self.expirations += 1
         if self.mode == TIMER_PERIODIC:
             period = self.period_ns()
             done = (now_ns - self.start_ns) // period + 1

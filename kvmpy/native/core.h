@@ -196,6 +196,7 @@ int lapic_highest(const uint8_t *vectors);
 int lapic_pending_vector(struct vcpu *v);
 void lapic_update_ppr(struct vcpu *v);
 void lapic_ack(struct vcpu *v, int vector);
+bool lapic_irr_test_and_set(struct lapic *a, int vector);
 bool lapic_halt_ends_at_once(struct vcpu *v, bool if_flag);
 enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest);
 enum fastpath lapic_self_ipi_fast(struct vcpu *v, uint64_t value);
@@ -215,11 +216,12 @@ void hist_add(uint64_t *hist, uint64_t ns);
 
 /* vcpu_loop.c: the run loop. */
 enum fastpath handle_exit_irqoff(struct vcpu *v, struct exit *exit);
-enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit);
+enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit, bool timer_expired);
 bool inject_pending_irq(struct vcpu *v);
 int kvm_queue_interrupt(struct vcpu *v, int vector);
 int kvm_vcpu_events_changed(struct vcpu *v);
 bool sync_cr8(struct vcpu *v);
 bool vcpu_halt_in_core(struct vcpu *v, bool if_flag);
+void adapt_halt_poll(struct vcpu *v, uint64_t halt_ns);
 
 #endif

@@ -65,6 +65,24 @@ void lapic_ack(struct vcpu *v, int vector)
 	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_INJECTED], 1, memory_order_relaxed);
 }
 
+/*
+ * IRR[vector] = 1 as ONE atomic exchange; true if the byte was set already (the
+ * interrupt merged with a pending one, SDM 10.8.4). For Python's senders
+ * (LocalApic.accept_fixed, through Core.irr_test_and_set): the owner takes IRR bytes
+ * here without the GIL (lapic_ack, an exchange too), so Python's read, then store
+ * could read 1, lose the byte to that INTA, store it again and call it a merge; a
+ * sender that skips its kick on a merge (docs/hacking.md) would then leave the
+ * interrupt with nobody to kick for it. Of two exchanges on the byte one sees the
+ * other, as pi_test_and_set_pir. acq_rel: the release publishes the TMR byte and the
+ * interrupt before the kick's seq_cst request store, as deliver_fixed's release store
+ * does; the acquire pairs with lapic_ack's exchange. On x86-64: one xchg.
+ */
+bool lapic_irr_test_and_set(struct lapic *a, int vector)
+{
+	return atomic_exchange_explicit((_Atomic uint8_t *)&a->irr[vector], 1,
+					memory_order_acq_rel) != 0;
+}
+
 /* LocalApic.halt_ends_at_once: would a HLT executed now end at once? Events only
  * Python handles (NMI, INIT) end it; a maskable interrupt only with IF=1. */
 bool lapic_halt_ends_at_once(struct vcpu *v, bool if_flag)

@@ -147,12 +147,13 @@ static PyObject *Core_attach(CoreObject *self, PyObject *args)
 	Py_RETURN_NONE;
 }
 
-/* run(index) -> (ret, reason, a, b, c, fastpath, t_exit_ns): vcpu_enter_guest without
- * the GIL. */
-static PyObject *Core_run(CoreObject *self, PyObject *arg)
+/* run(index, timer_expired=False) -> (ret, reason, a, b, c, fastpath, t_exit_ns):
+ * vcpu_enter_guest without the GIL; timer_expired: Python expired the APIC timer since
+ * the previous call. */
+static PyObject *Core_run(CoreObject *self, PyObject *args)
 {
-	int i = PyLong_AsLong(arg);
-	if (i == -1 && PyErr_Occurred())
+	int i, timer_expired = 0;
+	if (!PyArg_ParseTuple(args, "i|p", &i, &timer_expired))
 		return NULL;
 	struct slot *s = get_slot(self, i, true);
 	if (!s)
@@ -167,7 +168,7 @@ static PyObject *Core_run(CoreObject *self, PyObject *arg)
 	enum core_ret ret;
 	struct exit exit = {0};
 	Py_BEGIN_ALLOW_THREADS
-	ret = vcpu_enter_guest(v, &exit);
+	ret = vcpu_enter_guest(v, &exit, timer_expired);
 	Py_END_ALLOW_THREADS
 	if (ret == RET_ERROR) {
 		errno = v->err;
@@ -544,9 +545,41 @@ static PyObject *Core_halt_poll_ns(CoreObject *self, PyObject *args)
 	return PyLong_FromUnsignedLongLong(s->v.halt_poll_ns);
 }
 
+/* irr_test_and_set(index, vector) -> was_set: IRR[vector] = 1 as one atomic exchange
+ * (lapic_fast.c lapic_irr_test_and_set), for Python's senders (LocalApic.accept_fixed). */
+static PyObject *Core_irr_test_and_set(CoreObject *self, PyObject *args)
+{
+	int i, vector;
+	if (!PyArg_ParseTuple(args, "ii", &i, &vector))
+		return NULL;
+	struct slot *s = get_slot(self, i, true);
+	if (!s)
+		return NULL;
+	if (vector < 0 || vector > 255) {
+		PyErr_Format(PyExc_ValueError, "vector %d out of range", vector);
+		return NULL;
+	}
+	return PyBool_FromLong(lapic_irr_test_and_set(&s->v.apic, vector));
+}
+
+/* adapt_halt_poll(index, halt_ns) -> the new window: KVM's grow/shrink after a halt
+ * Python slept (vcpu_loop.c adapt_halt_poll; the vCPU's own thread). */
+static PyObject *Core_adapt_halt_poll(CoreObject *self, PyObject *args)
+{
+	int i;
+	unsigned long long halt_ns;
+	if (!PyArg_ParseTuple(args, "iK", &i, &halt_ns))
+		return NULL;
+	struct slot *s = get_slot(self, i, false);
+	if (!s)
+		return NULL;
+	adapt_halt_poll(&s->v, halt_ns);
+	return PyLong_FromUnsignedLongLong(s->v.halt_poll_ns);
+}
+
 static PyMethodDef Core_methods[] = {
 	{"attach", (PyCFunction)Core_attach, METH_VARARGS, "attach a vCPU's fd and memory"},
-	{"run", (PyCFunction)Core_run, METH_O, "vcpu_enter_guest without the GIL"},
+	{"run", (PyCFunction)Core_run, METH_VARARGS, "vcpu_enter_guest without the GIL"},
 	{"kick", (PyCFunction)Core_kick, METH_VARARGS, "kvm_vcpu_kick(target, poster)"},
 	{"send_posted_kicks", (PyCFunction)Core_send_posted_kicks, METH_VARARGS, ""},
 	{"stop", (PyCFunction)Core_stop, METH_NOARGS, "stop every vCPU loop"},
@@ -572,6 +605,10 @@ static PyMethodDef Core_methods[] = {
 	{"queue_interrupt", (PyCFunction)Core_queue_interrupt, METH_VARARGS, "kvm_queue_interrupt"},
 	{"events_changed", (PyCFunction)Core_events_changed, METH_VARARGS, "before a vCPU ioctl"},
 	{"halt_poll_ns", (PyCFunction)Core_halt_poll_ns, METH_VARARGS, ""},
+	{"irr_test_and_set", (PyCFunction)Core_irr_test_and_set, METH_VARARGS,
+	 "IRR[vector] = 1 as one atomic exchange; True if it was set"},
+	{"adapt_halt_poll", (PyCFunction)Core_adapt_halt_poll, METH_VARARGS,
+	 "KVM's grow/shrink of the halt-poll window after a halt that slept"},
 	{NULL, NULL, 0, NULL},
 };
 

@@ -270,16 +270,27 @@ enum fastpath handle_exit_irqoff(struct vcpu *v, struct exit *exit)
 	return FASTPATH_NONE;
 }
 
-/* grow_halt_poll_ns / shrink_halt_poll_ns (virt/kvm/kvm_main.c) after a halt that
- * slept. */
-static void adapt_halt_poll(struct vcpu *v, uint64_t halt_ns)
+/*
+ * kvm_vcpu_halt's window update (virt/kvm/kvm_main.c) after a halt of `halt_ns` that
+ * slept, with KVM's module parameters (grow 2, grow_start 10 us, shrink 2): unchanged
+ * if the halt ended inside the window; shrunk (grow_start or less: off) after a halt
+ * longer than the maximum; grown (at least grow_start, at most the maximum) after a
+ * short halt that outlasted the window; with no maximum, off. The one implementation:
+ * Python's halts (vcpu.py _block_until_runnable) call it through Core.adapt_halt_poll.
+ * Owner-only, as v->halt_poll_ns.
+ */
+void adapt_halt_poll(struct vcpu *v, uint64_t halt_ns)
 {
 	uint64_t poll = v->halt_poll_ns, max = v->vm->halt_poll_max_ns;
-	if (poll && halt_ns > max) {
-		poll /= HALT_POLL_SHRINK;
+	if (!max) {
+		v->halt_poll_ns = 0;
+	} else if (halt_ns <= poll) {
+		/* woke inside the window: KVM leaves it */
+	} else if (poll && halt_ns > max) {
+		poll /= HALT_POLL_SHRINK; /* shrink_halt_poll_ns */
 		v->halt_poll_ns = poll < HALT_POLL_GROW_START_NS ? 0 : poll;
 	} else if (poll < max && halt_ns < max) {
-		poll = poll * HALT_POLL_GROW;
+		poll = poll * HALT_POLL_GROW; /* grow_halt_poll_ns */
 		if (poll < HALT_POLL_GROW_START_NS)
 			poll = HALT_POLL_GROW_START_NS;
 		v->halt_poll_ns = poll < max ? poll : max;
@@ -355,8 +366,7 @@ bool vcpu_halt_in_core(struct vcpu *v, bool if_flag)
 	atomic_store_explicit(&v->mode, OUTSIDE_GUEST, memory_order_seq_cst);
 	trace_rec(v, TR_UNBLOCK, 1, 0);
 	v->stats[S_HALT_SLEPT]++;
-	if (vm->halt_poll_max_ns)
-		adapt_halt_poll(v, now_ns() - start);
+	adapt_halt_poll(v, now_ns() - start);
 	return true;
 }
 
@@ -387,16 +397,20 @@ static void account(struct vcpu *v, const struct exit *exit)
 /*
  * vcpu_enter_guest, looped: returns to Python only with an exit the fastpath did not
  * complete (RET_EXIT, the verdict in *fp), events only Python injects (RET_EVENTS),
- * a stop, or an error. Called with the GIL released.
+ * a stop, or an error. Called with the GIL released. `timer_expired`: Python expired
+ * the APIC timer since the previous call.
  */
-enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit)
+enum core_ret vcpu_enter_guest(struct vcpu *v, struct exit *exit, bool timer_expired)
 {
 	struct vm *vm = v->vm;
 	struct kvm_run *kr = v->run;
-	/* Python processed a due timer before this call: hand a newly due one back only
-	 * after one entry, so that a periodic timer shorter than the round trip cannot
-	 * keep the vCPU out of the guest (a guest's 1 ns period; guest/timer_storm.c). */
-	bool entered = false;
+	/* Python expired the timer before this call: hand a newly due one back only after
+	 * one entry, so that a periodic timer shorter than the round trip cannot keep the
+	 * vCPU out of the guest (a 1 ns period with --min-timer-period-us 0;
+	 * guest/timer_storm.c). Any other due timer goes back at once: it fell due after
+	 * Python looked, and its kick may have come before the clear of `request` below;
+	 * entered with it, a guest that makes no exit would never get its interrupt. */
+	bool entered = !timer_expired;
 	for (;;) {
 		if (atomic_load_explicit(&vm->stopping, memory_order_acquire))
 			return RET_STOP;
