@@ -95,11 +95,12 @@ def test_layout_constants_agree_with_python() -> None:
     # The u32 words (R_*) end before the first u64 word Python or the core uses.
     assert nc.R_NWORDS * 4 <= nc.Q_BASE_ADDRESS * 8
     q_words = [nc.Q_BASE_ADDRESS, nc.Q_IPI_SENT, nc.Q_IPI_NO_TARGET, nc.Q_RX_FIXED,
-               nc.Q_RX_REJECTED, nc.Q_INJECTED, nc.Q_EOI, nc.Q_SELF_IPI, nc.Q_TIMER_DEADLINE]
+               nc.Q_RX_REJECTED, nc.Q_INJECTED, nc.Q_EOI, nc.Q_SELF_IPI, nc.Q_TIMER_DEADLINE,
+               nc.Q_TSC_DEADLINE, nc.Q_TSC_HZ, nc.Q_TSC_REF, nc.Q_TSC_REF_NS]
     assert len(set(q_words)) == len(q_words) and max(q_words) < nc.Q_NWORDS
     r_words = [nc.R_TPR, nc.R_PPR, nc.R_MODE, nc.R_SW_ENABLED, nc.R_APIC_ID, nc.R_XAPIC_ID,
                nc.R_LDR, nc.R_DFR, nc.R_X2APIC_LDR, nc.R_SVR, nc.R_ICR_LOW, nc.R_ICR_DEST,
-               nc.R_SLOW_EVENTS, nc.R_CR8, nc.R_EXTINT]
+               nc.R_SLOW_EVENTS, nc.R_CR8, nc.R_EXTINT, nc.R_TIMER_MODE]
     assert sorted(r_words) == list(range(nc.R_NWORDS))
     # Statistics: the per-reason arrays and the scalars fit below the histograms, the
     # histograms are trace.py's, and the buffer Vcpu allocates is S_NWORDS words.
