@@ -105,6 +105,7 @@ int timer_start(struct vm *vm)
 		errno = err;
 		return -1;
 	}
+	pthread_setname_np(vm->timer_thread, "kvmpy-ctimer"); /* tests find it by name */
 	vm->timer_running = true;
 	return 0;
 }
