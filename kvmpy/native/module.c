@@ -142,7 +142,7 @@ static PyObject *Core_attach(CoreObject *self, PyObject *args)
 	}
 	struct vcpu *v = &s->v;
 	/* The timer thread starts with the first vCPU (the fastpath's TSC deadlines). */
-	if (timer_add_vcpu(v) < 0 || timer_start(&self->vm) < 0) {
+	if ((v->timerfd < 0 && timer_add_vcpu(v) < 0) || timer_start(&self->vm) < 0) {
 		PyErr_SetFromErrno(PyExc_OSError);
 		for (int b = 0; b < B_TRACE; b++)
 			if (s->buf[b].obj)
@@ -586,7 +586,8 @@ PyMODINIT_FUNC PyInit__core(void)
 	ADD(R_SLOW_EVENTS); ADD(R_CR8); ADD(R_EXTINT); ADD(R_TIMER_MODE); ADD(R_NWORDS);
 	ADD(Q_BASE_ADDRESS); ADD(Q_IPI_SENT); ADD(Q_IPI_NO_TARGET); ADD(Q_RX_FIXED);
 	ADD(Q_RX_REJECTED); ADD(Q_INJECTED); ADD(Q_EOI); ADD(Q_SELF_IPI); ADD(Q_TIMER_DEADLINE);
-	ADD(Q_TSC_DEADLINE); ADD(Q_TSC_HZ); ADD(Q_TSC_REF); ADD(Q_TSC_REF_NS); ADD(Q_NWORDS); ADD(REGS_BYTES);
+	ADD(Q_TSC_DEADLINE); ADD(Q_TSC_HZ); ADD(Q_TSC_REF); ADD(Q_TSC_REF_NS);
+	ADD(Q_NWORDS); ADD(REGS_BYTES);
 	ADD(MAX_REASON); ADD(NBUCKETS); ADD(S_COUNT); ADD(S_FAST); ADD(S_FAST_TOTAL);
 	ADD(S_ICR_FAST); ADD(S_HALT_POLL_OK); ADD(S_HALT_SLEPT); ADD(S_KICK_SIGNALS);
 	ADD(S_KICK_WAKES); ADD(S_HANDED_OVER); ADD(S_RECORD_TIME); ADD(S_HIST); ADD(S_ICR_HIST);
