@@ -22,7 +22,7 @@ class BuildExt(build_ext):
                 os.unlink(target)
         super().copy_extensions_to_source()
 
-SOURCES = ["module.c", "vcpu_loop.c", "lapic_fast.c", "kick.c"]
+SOURCES = ["module.c", "vcpu_loop.c", "lapic_fast.c", "kick.c", "timer.c"]
 cflags = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
           "-Wno-missing-field-initializers", "-Wno-cast-function-type"]
 ldflags: list[str] = []

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -194,10 +193,9 @@ class Machine:
                 self.tsc_hz = fd.get_tsc_khz() * 1000
                 apic: LocalApic | None = None
                 if not self.kernel_irqchip:
-                    tsc, tsc_at = _guest_tsc_clock(fd, self.tsc_hz)
                     apic = LocalApic(
                         i, self.apic_bus, bsp=(i == 0), clock_ns=time.monotonic_ns,
-                        tsc=tsc, tsc_at=tsc_at, tsc_hz=self.tsc_hz, maxphyaddr=maxphyaddr,
+                        tsc_line=_guest_tsc_line(fd), tsc_hz=self.tsc_hz, maxphyaddr=maxphyaddr,
                         x2apic_supported=config.cpu.x2apic,
                         tsc_deadline_supported=config.cpu.tsc_deadline,
                         min_periodic_ns=config.min_timer_period_us * 1000,
@@ -586,17 +584,9 @@ class Machine:
 MSR_IA32_TSC = 0x10
 
 
-def _guest_tsc_clock(fd: VcpuFd, tsc_hz: int) -> tuple[Callable[[], int], Callable[[int], int]]:
-    """The vCPU's TSC as a function of host time: read once through KVM_GET_MSRS, then
-    extrapolated at KVM's TSC rate (KVM_GET_TSC_KHZ), for TSC-deadline arithmetic.
-    Returns (tsc now, tsc at a given time.monotonic_ns() reading)."""
+def _guest_tsc_line(fd: VcpuFd) -> tuple[int, int]:
+    """The vCPU's TSC read once through KVM_GET_MSRS, and the time.monotonic_ns() of the
+    reading: LocalApic extrapolates from it at KVM's TSC rate (KVM_GET_TSC_KHZ) for
+    TSC-deadline arithmetic, and so does the core (it is published to it)."""
     tsc0 = fd.get_msrs([MSR_IA32_TSC])[0]
-    t0 = time.monotonic_ns()
-
-    def tsc_at(now_ns: int) -> int:
-        return tsc0 + (now_ns - t0) * tsc_hz // 1_000_000_000
-
-    def guest_tsc() -> int:
-        return tsc_at(time.monotonic_ns())
-
-    return guest_tsc, tsc_at
+    return tsc0, time.monotonic_ns()

@@ -173,6 +173,7 @@ class Vcpu:
         self._regs = apic.regs if apic is not None else bytearray(nc.REGS_BYTES)
         self._regs_u32 = memoryview(self._regs).cast("I")
         self._regs_u64 = memoryview(self._regs).cast("Q")
+        self._timer_armed: int | None = None  # the deadline sync_timer last armed
         self.halt_hook: Callable[[Vcpu], None] | None = None
         self._timer_expirations = 0  # apic.timer.expirations as of the last core.run
         # This vCPU's trace ring (kvmpy.tracing), or None: each hook is one branch.
@@ -217,13 +218,9 @@ class Vcpu:
 
     @property
     def _timer_deadline(self) -> int | None:
-        """The APIC timer's next expiry (time.monotonic_ns), shared with the core, which
-        wakes a halted vCPU for it."""
+        """The APIC timer's next expiry (time.monotonic_ns): ApicTimer.deadline_ns, the
+        word the core wakes a halted vCPU for."""
         return self._regs_u64[nc.Q_TIMER_DEADLINE] or None
-
-    @_timer_deadline.setter
-    def _timer_deadline(self, value: int | None) -> None:
-        self._regs_u64[nc.Q_TIMER_DEADLINE] = value or 0
 
     # ---------------------------------------------------------------- the run loop
 
@@ -388,13 +385,15 @@ class Vcpu:
             self.view.u64[kr.CR8] = self._cr8
 
     def sync_timer(self) -> None:
-        """Arm the VM's host timer for this APIC's next expiry if it changed."""
-        apic = self.apic
-        if apic is None:
+        """Arm the VM's host timer (TimerService) for this APIC's next expiry if it
+        changed since Python last armed it. The core arms its own timer thread for the
+        IA32_TSC_DEADLINE writes it completes (kvmpy/native/timer.c); a deadline armed
+        on both only costs a stale kick."""
+        if self.apic is None:
             return
-        deadline = apic.timer_deadline_ns()
-        if deadline != self._timer_deadline:
-            self._timer_deadline = deadline
+        deadline = self._timer_deadline
+        if deadline != self._timer_armed:
+            self._timer_armed = deadline
             if deadline is not None:
                 self.machine.timers.arm(self, deadline)
 

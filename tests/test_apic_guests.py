@@ -256,6 +256,22 @@ def test_tsc_deadline_interrupt_never_comes_early() -> None:
     assert rows == [("tsc-deadline-halted", "1"), ("tsc-deadline-busy", "1")], r.stdout
 
 
+def test_tsc_deadline_writes_complete_on_the_native_fastpath() -> None:
+    """xAPIC mode, so that the only WRMSR exits are IA32_TSC_DEADLINE's and
+    IA32_APIC_BASE's: the core completes the armings and the disarm (at least 4: halted,
+    busy, the disarm's deadline and its 0), Python only the deadline in the past and
+    IA32_APIC_BASE; the interrupts come, and not early (the core's timer thread)."""
+    r = run_guest("apic_timer", "--append", "mode=xapic", "--fastpath", "native", "--stat")
+    assert r.returncode == GUEST_OK, (r.stdout, r.stderr)
+    rows = re.findall(r"^timing (\S+)-not-early: (\d) expected 1", r.stdout, re.M)
+    assert rows == [("tsc-deadline-halted", "1"), ("tsc-deadline-busy", "1")], r.stdout
+    assert re.search(r"^timer tsc-deadline-past: count 1 expected 1$", r.stdout, re.M)
+    wrmsr = re.search(r"│ X86_WRMSR\s+│\s+(\d+) │\s+(\d+) │", r.stderr)
+    assert wrmsr, r.stderr
+    count, fast = int(wrmsr[1]), int(wrmsr[2])
+    assert fast >= 4 and count - fast <= 2, (count, fast)
+
+
 def test_tsc_deadline_arming_is_immune_to_a_delay_between_clock_reads() -> None:
     from kvmpy.apic import constants as c
     from kvmpy.apic.testing import make_system, write_reg

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -106,11 +107,12 @@ def test_layout_constants_agree_with_python() -> None:
     # The u32 words (R_*) end before the first u64 word Python or the core uses.
     assert nc.R_NWORDS * 4 <= nc.Q_BASE_ADDRESS * 8
     q_words = [nc.Q_BASE_ADDRESS, nc.Q_IPI_SENT, nc.Q_IPI_NO_TARGET, nc.Q_RX_FIXED,
-               nc.Q_RX_REJECTED, nc.Q_INJECTED, nc.Q_EOI, nc.Q_SELF_IPI, nc.Q_TIMER_DEADLINE]
+               nc.Q_RX_REJECTED, nc.Q_INJECTED, nc.Q_EOI, nc.Q_SELF_IPI, nc.Q_TIMER_DEADLINE,
+               nc.Q_TSC_DEADLINE, nc.Q_TSC_HZ, nc.Q_TSC_REF, nc.Q_TSC_REF_NS]
     assert len(set(q_words)) == len(q_words) and max(q_words) < nc.Q_NWORDS
     r_words = [nc.R_TPR, nc.R_PPR, nc.R_MODE, nc.R_SW_ENABLED, nc.R_APIC_ID, nc.R_XAPIC_ID,
                nc.R_LDR, nc.R_DFR, nc.R_X2APIC_LDR, nc.R_SVR, nc.R_ICR_LOW, nc.R_ICR_DEST,
-               nc.R_SLOW_EVENTS, nc.R_CR8, nc.R_EXTINT]
+               nc.R_SLOW_EVENTS, nc.R_CR8, nc.R_EXTINT, nc.R_TIMER_MODE]
     assert sorted(r_words) == list(range(nc.R_NWORDS))
     # Statistics: the per-reason arrays and the scalars fit below the histograms, the
     # histograms are trace.py's, and the buffer Vcpu allocates is S_NWORDS words.
@@ -450,6 +452,141 @@ def test_busy_counts_the_threads_not_asleep_and_gates_polling() -> None:
     assert small.may_poll(0) is True
 
 
+# ---------------------------------------------------------------------- TSC deadline
+MSR_TSC_DEADLINE = 0x6E0
+TIMER_TSC_DEADLINE = 2  # LVT timer mode 10b
+
+
+def tsc_deadline_mode(regs: bytearray) -> None:
+    """An xAPIC with its timer in TSC-deadline mode, and a guest TSC equal to
+    CLOCK_MONOTONIC in ns (the line tsc0 0 at 0, 1 GHz)."""
+    r, q = memoryview(regs).cast("I"), memoryview(regs).cast("Q")
+    r[nc.R_MODE], r[nc.R_SW_ENABLED], r[nc.R_TIMER_MODE] = 1, 1, TIMER_TSC_DEADLINE
+    q[nc.Q_TSC_HZ], q[nc.Q_TSC_REF], q[nc.Q_TSC_REF_NS] = 10**9, 0, 0
+
+
+def timer_threads() -> int:
+    """The core's timer threads alive in this process (timer.c names them)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                count += f.read().strip() == "kvmpy-ctimer"
+        except OSError:
+            pass  # a thread that just ended
+    return count
+
+
+def test_tsc_deadline_write_kicks_a_sleeper_at_its_deadline_not_before() -> None:
+    core = nc.Core(1, 2)
+    b = attach_model(core, 0)
+    stats = memoryview(b["stats"]).cast("Q")
+    regs = b["regs"]
+    tsc_deadline_mode(regs)
+    q = memoryview(regs).cast("Q")
+    t = sleeper(core, 0)
+    deadline = time.monotonic_ns() + 50_000_000
+    assert core.fast_wrmsr(0, MSR_TSC_DEADLINE, deadline) == 1  # REENTER_GUEST
+    assert q[nc.Q_TSC_DEADLINE] == deadline and q[nc.Q_TIMER_DEADLINE] == deadline
+    saw, woken = t.finish()  # type: ignore[misc]
+    assert saw and woken, "the timer thread's kick did not come"
+    assert t.done_at >= deadline / 1e9, "woken before the deadline"
+    # The kicker counts its wake-up after the futex wake: it may count after we woke.
+    wait_until(lambda: stats[nc.S_KICK_WAKES] == 1, "the timer thread's wake-up counted")
+    core.stop()
+
+
+def test_tsc_deadline_zero_disarms_the_timer_thread() -> None:
+    core = nc.Core(1, 2)
+    b = attach_model(core, 0)
+    tsc_deadline_mode(b["regs"])
+    q = memoryview(b["regs"]).cast("Q")
+    t = sleeper(core, 0, timeout_ns=150_000_000)
+    assert core.fast_wrmsr(0, MSR_TSC_DEADLINE, time.monotonic_ns() + 30_000_000) == 1
+    assert core.fast_wrmsr(0, MSR_TSC_DEADLINE, 0) == 1
+    assert q[nc.Q_TSC_DEADLINE] == 0 and q[nc.Q_TIMER_DEADLINE] == 0
+    assert t.finish() == (False, False), "a disarmed deadline kicked"
+    assert memoryview(b["stats"]).cast("Q")[nc.S_KICK_WAKES] == 0
+    core.stop()
+
+
+def test_tsc_deadline_writes_the_core_leaves_to_python_change_nothing() -> None:
+    """Outside TSC-deadline mode, APIC disabled, no published TSC line, an expiry due,
+    a deadline already passed or beyond the ns word: NONE, and nothing written."""
+    core = nc.Core(1, 2)
+    b = attach_model(core, 0)
+    regs = b["regs"]
+    r, q = memoryview(regs).cast("I"), memoryview(regs).cast("Q")
+    now = time.monotonic_ns()
+
+    def none_without_a_trace(value: int) -> None:
+        before = bytes(regs)
+        assert core.fast_wrmsr(0, MSR_TSC_DEADLINE, value, now) == 0
+        assert bytes(regs) == before and not core.take_request(0)
+
+    for word, value in ((nc.R_TIMER_MODE, 0), (nc.R_TIMER_MODE, 1), (nc.R_MODE, 0)):
+        tsc_deadline_mode(regs)
+        r[word] = value
+        none_without_a_trace(now + 10**9)
+    tsc_deadline_mode(regs)
+    q[nc.Q_TSC_HZ] = 0
+    none_without_a_trace(now + 10**9)
+    tsc_deadline_mode(regs)
+    none_without_a_trace(now)  # the TSC now: already passed, fires at once in Python
+    none_without_a_trace(1)
+    q[nc.Q_TSC_HZ] = 1  # 1 Hz: 2**63 ticks are 2**63 s, past the uint64 ns word
+    none_without_a_trace(1 << 63)
+    tsc_deadline_mode(regs)
+    q[nc.Q_TIMER_DEADLINE] = now  # an expiry due: Python's catch-up fires it first
+    none_without_a_trace(now + 10**9)
+    q[nc.Q_TIMER_DEADLINE] = now + 1  # not due yet: replaced
+    assert core.fast_wrmsr(0, MSR_TSC_DEADLINE, now + 10**9, now) == 1
+    assert q[nc.Q_TIMER_DEADLINE] == now + 10**9
+    core.stop()
+
+
+def test_tsc_deadline_beyond_the_ns_word_is_kept_by_python() -> None:
+    """The write the core hands over as too far away: the model keeps it at the last
+    uint64 ns instead of failing to store it (a guest's 0xFFFF... at a low TSC rate)."""
+    from kvmpy.apic import constants as c
+
+    clock = FakeClock(tsc_hz=1_000_000)
+    apic = LocalApic(0, ApicBus(lambda i: None), bsp=True, clock_ns=clock.ns,
+                     tsc_line=(0, 0), tsc_hz=clock.tsc_hz)
+    apic.mmio_write(c.REG_SVR, 4, 0x1FF)
+    apic.mmio_write(c.REG_LVT_TIMER, 4, 2 << 17 | 0x40)
+    core = nc.Core(1, 2)
+    core.attach(0, -1, None, apic.irr, apic.isr, apic.tmr, apic.regs,
+                bytearray(nc.S_NWORDS * 8))
+    assert core.fast_wrmsr(0, MSR_TSC_DEADLINE, (1 << 64) - 1, clock.now) == 0
+    apic.wrmsr(MSR_TSC_DEADLINE, (1 << 64) - 1)
+    assert apic.rdmsr(MSR_TSC_DEADLINE) == (1 << 64) - 1
+    assert apic.timer_deadline_ns() == (1 << 64) - 1
+    core.stop()
+
+
+def test_timer_thread_starts_with_the_first_vcpu_and_is_joined_by_stop_and_dealloc() -> None:
+    base = timer_threads()
+    core = nc.Core(2, 2)
+    assert timer_threads() == base  # none before a vCPU is attached
+    attach_model(core, 0)
+    attach_model(core, 1)
+    assert timer_threads() == base + 1  # one per VM
+    started = time.monotonic()
+    core.stop()
+    assert timer_threads() == base, "stop() returned with the timer thread alive"
+    assert time.monotonic() - started < BOUND_S
+    core.stop()  # idempotent
+    other = nc.Core(1, 2)
+    b = attach_model(other, 0)
+    tsc_deadline_mode(b["regs"])
+    other.fast_wrmsr(0, MSR_TSC_DEADLINE, time.monotonic_ns() + 10**12)  # armed, far off
+    assert timer_threads() == base + 1
+    del other
+    gc.collect()
+    assert timer_threads() == base, "dealloc left the timer thread running"
+
+
 # ---------------------------------------------------------------------- IN_GUEST (KVM)
 JMP_SELF = bytes([0xEB, 0xFE])  # jmp $ (real mode)
 CODE_GPA = 0x1000
@@ -481,6 +618,7 @@ class SpinningVcpu:
         self.fd.set_regs(regs)
         self.core = nc.Core(2, 2)
         b = buffers()
+        self.core_regs = b["regs"]
         self.stats = memoryview(b["stats"]).cast("Q")
         self.regs = memoryview(b["regs"]).cast("Q")
         self.core.attach(0, self.fd.fd, self.fd.mapping, b["irr"], b["isr"], b["tmr"],
@@ -664,3 +802,24 @@ def test_pythons_fixed_deliveries_set_irr_through_the_core() -> None:
                          (1, 0x45), (1, 0x40)]
     assert system.notified == [1, 1, 2, 2, 0, 2, 1, 1]
     assert system[1].irr.count(1) == 3 and system[1].tmr[0x45] == 1
+def test_tsc_deadline_takes_a_vcpu_in_the_guest_to_python_at_its_deadline() -> None:
+    """The whole chain in a real KVM_RUN: the fastpath arms, the timer thread signals the
+    vCPU out of the guest at the deadline, and the loop top hands the due timer to Python
+    (RET_EVENTS), not before the deadline."""
+    vcpu = SpinningVcpu()
+    try:
+        regs = memoryview(vcpu.core_regs).cast("Q")
+        tsc_deadline_mode(vcpu.core_regs)
+        deadline = time.monotonic_ns() + 100_000_000
+        # Before the vCPU's thread starts: the owner-only words are still this thread's.
+        assert vcpu.core.fast_wrmsr(0, MSR_TSC_DEADLINE, deadline) == 1
+        assert regs[nc.Q_TIMER_DEADLINE] == deadline
+        vcpu.start()
+        ret = vcpu.thread.finish()
+        assert ret[0] == nc.RET_EVENTS, ret  # type: ignore[index]
+        assert vcpu.thread.done_at >= deadline / 1e9, "handed over before the deadline"
+        # counted after pthread_kill: the vCPU may have left before the count
+        wait_until(lambda: vcpu.stats[nc.S_KICK_SIGNALS] == 1, "the signal counted")
+        assert vcpu.stats[nc.S_FAST + k.KVM_EXIT_INTR] >= 1
+    finally:
+        vcpu.close()

@@ -10,15 +10,17 @@ the way Python's own fastpath and slow path drive it (``exits.handle_exit_irqoff
 
 Hypothesis drives both with the same random exits: ICR writes of every kind (x2APIC MSR
 and xAPIC MMIO with ICR-high writes, all delivery modes, physical/logical, shorthands,
-broadcast, reserved bits, illegal vectors), SELF_IPI, EOIs (edge, and level after an
-I/O APIC-style ``accept_fixed(v, True)``), TPR and CR8 changes, SVR, LDR/DFR, xAPIC ID
-renumbering, IA32_APIC_BASE mode switches, HLT with IF 0/1, and the loop top's
-injection. After every step the whole APIC state of both sets must agree (IRR/ISR/TMR,
-the shared register words, pending NMI/INIT/SIPI/SMI, ESR, LVTs, ``apic.stats``), each
-APIC must pass ``check_invariants``, the SETS of kicked vCPUs must agree (Python: the
-bus's ``notify``; native: ``core.take_request`` plus the slow path's notifies), and the
-core's verdicts must be the ones its contract promises (NONE leaves no trace; a fixed
-or lowest-priority IPI with a legal vector in a VM numbered by index is REENTER_GUEST).
+broadcast, reserved bits, illegal vectors), SELF_IPI, EOIs (edge, and level after an I/O
+APIC-style ``accept_fixed(v, True)``), TPR and CR8 changes, SVR, LDR/DFR, xAPIC ID
+renumbering, IA32_APIC_BASE mode switches, HLT with IF 0/1, the loop top's injection,
+and IA32_TSC_DEADLINE writes (armed, disarmed, past, due) with the LVT timer's modes and
+the clock moving on. After every step the whole APIC state of both sets must agree
+(IRR/ISR/TMR, the shared register words, pending NMI/INIT/SIPI/SMI, ESR, LVTs,
+``apic.stats``), each APIC must pass ``check_invariants``, the SETS of kicked vCPUs must
+agree (Python: the bus's ``notify``; native: ``core.take_request`` plus the slow path's
+notifies), and the core's verdicts must be the ones its contract promises (NONE leaves
+no trace; a fixed or lowest-priority IPI with a legal vector in a VM numbered by index
+is REENTER_GUEST).
 
 One divergence is allowed, and pinned by test_hlt_with_smi_pending_* below: the core's
 HLT test ends a halt on any published slow event (R_SLOW_EVENTS), Python's only on INIT
@@ -37,6 +39,7 @@ before a loop top (a kick's exit, which needs no handling).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -59,6 +62,12 @@ from kvmpy.apic.testing import FakeClock
 
 NONE, REENTER, HANDLED = 0, 1, 2
 TSC_HZ = 2_000_000_000
+# The test's clock starts ~11 days ahead of CLOCK_MONOTONIC: the deadlines the core arms
+# on its timer thread (timerfds) never fire during a test, so every kick is a step's.
+CLOCK_START = time.monotonic_ns() + 10**15
+# The guest TSC line both sides publish (LocalApic tsc_line): TSC_REF at TSC_REF_NS.
+TSC_REF, TSC_REF_NS = 123_456_789_012, CLOCK_START - 10**9
+TIMER_MODES = (0, 1 << 17, 2 << 17)  # one-shot, periodic, TSC-deadline (LVT bits 18:17)
 MSR_EOI = 0x80B
 X2_ICR_RESERVED = (1 << 13) | (3 << 16) | (0xFFF << 20)
 XAPIC_ICR_LOW_WRITABLE = 0x000CCFFF & ~(1 << 12)
@@ -81,25 +90,26 @@ class Side:
     level_eois: list[int]
     kvm_cr8: list[int]
     waiting: list[bool]
+    clock: FakeClock
     core: nc.Core | None = None
     native_stats: list[bytearray] = field(default_factory=list)
 
 
 def make_side(ids: list[int], native: bool) -> Side:
-    clock = FakeClock(TSC_HZ)
+    clock = FakeClock(TSC_HZ, start_ns=CLOCK_START)
     notified: list[int] = []
     level_eois: list[int] = []
     bus = ApicBus(notified.append)
     bus.eoi_listeners.append(level_eois.append)
     apics = []
     for i, apic_id in enumerate(ids):
-        apic = LocalApic(apic_id, bus, bsp=(i == 0), clock_ns=clock.ns, tsc=clock.tsc,
-                         tsc_at=clock.tsc_at, tsc_hz=TSC_HZ)
+        apic = LocalApic(apic_id, bus, bsp=(i == 0), clock_ns=clock.ns,
+                         tsc_line=(TSC_REF, TSC_REF_NS), tsc_hz=TSC_HZ)
         bus.add(apic)
         apic.wait_for_sipi = False  # every vCPU has been started
         apics.append(apic)
     n = len(ids)
-    side = Side(apics, bus, notified, level_eois, [0] * n, [False] * n)
+    side = Side(apics, bus, notified, level_eois, [0] * n, [False] * n, clock)
     if native:
         core = nc.Core(n, 2, 0, nc.SETTING_NATIVE)
         for i, apic in enumerate(apics):
@@ -148,8 +158,8 @@ def python_fast_wrmsr(apic: LocalApic, msr: int, value: int) -> int:
         return REENTER if value == 0 and apic.mode is ApicMode.X2APIC and apic.eoi_fast() \
             else NONE
     # The timer MSRs: Python's fastpath tries apic.wrmsr and, on #GP, hands over to the
-    # slow path, which counts the #GP a second time (stats["gp"]); the core leaves them
-    # to the slow path. Both are modelled as the slow path alone.
+    # slow path, which counts the #GP a second time (stats["gp"]). Both are modelled as
+    # the slow path alone (for IA32_TSC_DEADLINE, the same state; see tsc_deadline).
     return NONE
 
 
@@ -687,11 +697,10 @@ class NativeVsPython(RuleBasedStateMachine):
         self.msr_write(i, c.MSR_APIC_BASE, base | value)
 
     @rule(src=st.integers(0, 3),
-          msr=st.sampled_from([c.MSR_TSC_DEADLINE, 0x808, 0x80F, 0x828, 0x831, 0x838,
-                               0x10, 0xC0000080]),
+          msr=st.sampled_from([0x808, 0x80F, 0x828, 0x831, 0x838, 0x10, 0xC0000080]),
           value=st.sampled_from([0, 0x20, 0x1FF, 1 << 40]))
     def other_msr(self, src: int, msr: int, value: int) -> None:
-        """MSRs the core does not handle: TSC deadline, TPR, SVR, ESR, ICR2, the timer,
+        """MSRs the core does not handle: TPR, SVR, ESR, ICR2, the timer's initial count,
         non-APIC MSRs (no APIC effect)."""
         i = src % self.n
         if self.py.waiting[i]:
@@ -703,6 +712,52 @@ class NativeVsPython(RuleBasedStateMachine):
             return
         nfp = self.nat.core.fast_wrmsr(i, msr, value)
         assert nfp == NONE, f"{what}: verdict {nfp}"
+        self.compare(what)
+
+    # -------------------------------------------------------------- the timer
+    @rule(src=st.integers(0, 3), mode=weighted((4, TIMER_MODES[2]), (1, TIMER_MODES[0]),
+                                               (1, TIMER_MODES[1])),
+          masked=unlikely, vector=st.sampled_from(HOT_VECTORS))
+    def lvt_timer(self, src: int, mode: int, masked: bool, vector: int) -> None:
+        """The LVT timer through the mode's interface (slow path): mostly TSC-deadline."""
+        i = src % self.n
+        if self.py.waiting[i]:
+            return
+        self._exit_write(i, c.REG_LVT_TIMER, mode | (c.LVT_MASKED if masked else 0) | vector)
+
+    @rule(ns=weighted((3, st.integers(1, 2_000_000)), (1, st.integers(0, 10**9))))
+    def advance(self, ns: int) -> None:
+        """Time passes (both clocks): an armed deadline may come due."""
+        for side in (self.py, self.nat):
+            side.clock.advance(ns)
+        self.compare(f"{ns} ns later")
+
+    @rule(src=st.integers(0, 3),
+          ahead=weighted((6, st.integers(1, 10**10)), (1, st.integers(-10**6, 0)),
+                         (1, st.sampled_from([1, 2, 3]))),
+          special=weighted((8, None), (1, 0), (1, (1 << 64) - 1), (1, 1)))
+    def tsc_deadline(self, src: int, ahead: int, special: int | None) -> None:
+        """IA32_TSC_DEADLINE = the TSC now + ``ahead`` ticks (or 0, 1, the maximum). The
+        core completes it (REENTER) exactly when the APIC is enabled, its timer in
+        TSC-deadline mode, no expiry due, and the deadline 0 or in the future; the
+        state (Q_TSC_DEADLINE, Q_TIMER_DEADLINE in `regs`) must be Python's either way."""
+        i = src % self.n
+        if self.py.waiting[i]:
+            return
+        apic, now = self.nat.apics[i], self.nat.clock.now
+        tsc_now = TSC_REF + (now - TSC_REF_NS) * TSC_HZ // 1_000_000_000
+        value = special if special is not None else max(tsc_now + ahead, 0)
+        armed = apic.timer_deadline_ns()
+        covered = (apic.mode is not ApicMode.DISABLED
+                   and apic.timer.mode == c.TIMER_TSC_DEADLINE
+                   and not (armed is not None and now >= armed)
+                   and (value == 0 or value > tsc_now))
+        what = f"vCPU {i} WRMSR TSC_DEADLINE {value:#x} (TSC now {tsc_now:#x})"
+        slow_wrmsr(self.py, i, c.MSR_TSC_DEADLINE, value)
+        nfp = self.native_exit(
+            i, lambda: self.nat.core.fast_wrmsr(i, c.MSR_TSC_DEADLINE, value, now),
+            lambda: slow_wrmsr(self.nat, i, c.MSR_TSC_DEADLINE, value), what)
+        assert nfp == (REENTER if covered else NONE), f"{what}: verdict {nfp}"
         self.compare(what)
 
     # -------------------------------------------------------------- CPU-side steps

@@ -134,8 +134,9 @@ class LocalApic:
         *,
         bsp: bool,
         clock_ns: Callable[[], int],
-        tsc: Callable[[], int],
+        tsc: Callable[[], int] | None = None,
         tsc_at: Callable[[int], int] | None = None,
+        tsc_line: tuple[int, int] | None = None,
         tsc_hz: int,
         maxphyaddr: int = 52,
         x2apic_supported: bool = True,
@@ -152,12 +153,21 @@ class LocalApic:
         self.bus = bus
         self.bsp = bsp
         self.clock_ns = clock_ns
-        self.tsc = tsc
         # The TSC at a given clock_ns time: TSC-deadline arming reads the clock once and
         # derives the TSC from that reading (two reads would make the deadline early by
         # whatever delay fell between them).
         self.tsc_at = tsc_at
         self.tsc_hz = tsc_hz
+        if tsc_line is not None:
+            # (tsc0, t0_ns): the guest TSC read once and when, running at tsc_hz. Published
+            # to the core, whose IA32_TSC_DEADLINE fastpath converts with the same line
+            # (without it, Q_TSC_HZ stays 0 and the core leaves those writes to Python).
+            self._q[nc.Q_TSC_REF], self._q[nc.Q_TSC_REF_NS] = tsc_line
+            self._q[nc.Q_TSC_HZ] = tsc_hz
+            self.tsc_at = self._tsc_on_line
+        if tsc is None and self.tsc_at is None:
+            raise ValueError("LocalApic needs tsc, tsc_at or tsc_line")
+        self.tsc = tsc if tsc is not None else self._tsc_now
         self.maxphyaddr = maxphyaddr
         # CPUID.1:ECX[21] and [24] as the guest sees them (kvmpy/cpumodel.py). Without
         # x2APIC, IA32_APIC_BASE.EXTD is reserved (SDM 10.12.1); without TSC-deadline,
@@ -183,7 +193,7 @@ class LocalApic:
         self.irr = bytearray(256)
         self.isr = bytearray(256)
         self.tmr = bytearray(256)
-        self.timer = ApicTimer(tsc_hz, min_periodic_ns)
+        self.timer = ApicTimer(tsc_hz, min_periodic_ns, self.regs)
         self._esr_lock = threading.Lock()
         self._lvt = [c.LVT_MASKED] * c.LVT_COUNT
 
@@ -873,6 +883,15 @@ class LocalApic:
         return max(tpr & 0xF0, isrv & 0xF0, irrv & 0xF0)
 
     # ================================================================ timer
+    def _tsc_on_line(self, now_ns: int) -> int:
+        """The guest TSC at ``now_ns`` on the published line (kvmpy/native/lapic_fast.c
+        lapic_tsc_deadline_fast computes the same)."""
+        q = self._q
+        return q[nc.Q_TSC_REF] + (now_ns - q[nc.Q_TSC_REF_NS]) * self.tsc_hz // 1_000_000_000
+
+    def _tsc_now(self) -> int:
+        return self.tsc_at(self.clock_ns())  # tsc_at: set, as __init__ checked
+
     def timer_deadline_ns(self) -> int | None:
         """Absolute clock_ns time of the next timer expiry, or None."""
         return self.timer.deadline_ns

@@ -10,9 +10,15 @@ KVM_MIN_TIMER_PERIOD_NS): KVM's limit_periodic_timer_frequency (arch/x86/kvm/lap
 does so at each start, divide change and mode change of a periodic timer, "since the
 hrtimers are not throttled by the host scheduler"; one-shot and TSC-deadline timers
 are not clamped.
+
+The mode, the TSC deadline and the next expiry are words of the register buffer shared
+with the native exit core (``regs``; kvmpy/native/core.h R_TIMER_MODE, Q_TSC_DEADLINE,
+Q_TIMER_DEADLINE): the core's fastpath completes IA32_TSC_DEADLINE writes on them.
 """
 
 from __future__ import annotations
+
+from kvmpy import _core as nc
 
 from .constants import (
     APIC_BUS_NS_PER_TICK,
@@ -36,15 +42,50 @@ def divide_from_tdcr(tdcr: int) -> int:
     return 1 << ((v + 1) & 7)
 
 
+_NEVER = (1 << 64) - 1  # a deadline past the uint64 word: centuries away, kept there
+
+
 class ApicTimer:
     """One-shot, periodic and TSC-deadline timer state of one local APIC."""
 
-    def __init__(self, tsc_hz: int, min_periodic_ns: int = 0) -> None:
+    def __init__(self, tsc_hz: int, min_periodic_ns: int = 0,
+                 regs: bytearray | None = None) -> None:
         self.tsc_hz = tsc_hz
         self.min_periodic_ns = min_periodic_ns
         self.clamped = 0  # periodic periods clamped to min_periodic_ns (kept across INIT)
         self.expirations = 0  # expire() calls that expired the timer (kept across INIT)
+        regs = regs if regs is not None else bytearray(nc.REGS_BYTES)
+        self._r = memoryview(regs).cast("I")
+        self._q = memoryview(regs).cast("Q")
         self.reset()
+
+    @property
+    def mode(self) -> int:
+        """LVT timer bits 18:17 as the timer runs them (R_TIMER_MODE)."""
+        return self._r[nc.R_TIMER_MODE]
+
+    @mode.setter
+    def mode(self, value: int) -> None:
+        self._r[nc.R_TIMER_MODE] = value
+
+    @property
+    def tsc_deadline(self) -> int:
+        """IA32_TSC_DEADLINE as armed, 0 when disarmed (Q_TSC_DEADLINE)."""
+        return self._q[nc.Q_TSC_DEADLINE]
+
+    @tsc_deadline.setter
+    def tsc_deadline(self, value: int) -> None:
+        self._q[nc.Q_TSC_DEADLINE] = value
+
+    @property
+    def deadline_ns(self) -> int | None:
+        """The next expiry, absolute clock ns, or None (Q_TIMER_DEADLINE, 0: none; the
+        clock, CLOCK_MONOTONIC or a test's, is never 0 when a timer is armed)."""
+        return self._q[nc.Q_TIMER_DEADLINE] or None
+
+    @deadline_ns.setter
+    def deadline_ns(self, value: int | None) -> None:
+        self._q[nc.Q_TIMER_DEADLINE] = min(value, _NEVER) if value else 0
 
     def reset(self) -> None:
         """Power-up state (SDM 10.4.7.1): counts 0, divide config 0 (divide by 2)."""
@@ -53,7 +94,7 @@ class ApicTimer:
         self.tdcr = 0
         self.divide = divide_from_tdcr(0)
         self.start_ns = 0  # clock time at which the current count was initial_count
-        self.deadline_ns: int | None = None  # next expiry, absolute clock ns
+        self.deadline_ns = None  # next expiry, absolute clock ns
         self.tsc_deadline = 0  # IA32_TSC_DEADLINE as armed (0: disarmed)
         self.missed_periods = 0
 

@@ -41,7 +41,8 @@ enum {
 	R_CR8 = 13,         /* kvm_run.cr8 as last synced with TPR */
 	R_EXTINT = 14,      /* nonzero: the 8259's INTR is up and LINT0 takes it (ExtINT);
 			     * Python keeps it (LocalApic.set_extint_line) and injects it */
-	R_NWORDS = 15,
+	R_TIMER_MODE = 15,  /* ApicTimer.mode: LVT timer bits 18:17 as the timer runs them */
+	R_NWORDS = 16,
 };
 /* ---- uint64 index into the same buffer ---- */
 enum {
@@ -53,12 +54,20 @@ enum {
 	Q_INJECTED = 13,
 	Q_EOI = 14,
 	Q_SELF_IPI = 15,
-	Q_TIMER_DEADLINE = 16, /* the APIC timer's next expiry, CLOCK_MONOTONIC ns; 0: none */
-	Q_NWORDS = 17,
+	Q_TIMER_DEADLINE = 16, /* the APIC timer's next expiry (ApicTimer.deadline_ns),
+				* CLOCK_MONOTONIC ns; 0: none */
+	Q_TSC_DEADLINE = 17,   /* IA32_TSC_DEADLINE as armed (ApicTimer.tsc_deadline) */
+	/* The guest TSC as Python computes it (LocalApic.tsc_at): Q_TSC_REF at
+	 * CLOCK_MONOTONIC Q_TSC_REF_NS, Q_TSC_HZ ticks a second; Q_TSC_HZ 0: not published */
+	Q_TSC_HZ = 18,
+	Q_TSC_REF = 19,
+	Q_TSC_REF_NS = 20,
+	Q_NWORDS = 21,
 };
 #define REGS_BYTES (Q_NWORDS * 8)
 
 enum apic_mode { APIC_DISABLED = 0, APIC_XAPIC = 1, APIC_X2APIC = 2 };
+#define TIMER_TSC_DEADLINE 2 /* R_TIMER_MODE (SDM 10.5.1) */
 
 /* ---- per-vCPU statistics (uint64 index into the stats buffer; kvmpy/native/layout.py) */
 #define MAX_REASON 64
@@ -135,6 +144,7 @@ struct vcpu {
 	 * KVM stored at the last exit, and nothing has changed them since (Python's vCPU
 	 * ioctls call Core.events_changed first). Owner-only. */
 	bool events_fresh;
+	int timerfd;              /* timer.c: kicks this vCPU at a deadline the core armed */
 	/* --trace: this vCPU's native ring (kvmpy/tracing/recorder.py's records, four
 	 * int64 each), written only by this vCPU's thread; NULL when not tracing. */
 	int64_t *trace;
@@ -163,6 +173,10 @@ struct vm {
 	_Atomic int setting;       /* enum fastpath_setting */
 	_Atomic int renumbered;    /* an APIC ID is not its index: IPIs take Python's route */
 	bool sync_events;          /* KVM_CAP_SYNC_REGS has KVM_SYNC_X86_EVENTS: inject by it */
+	/* timer.c: the thread that kicks vCPUs at the deadlines the core armed */
+	int timer_epfd, timer_stopfd;
+	pthread_t timer_thread;
+	bool timer_running;
 };
 
 /* Trace record kinds, SEND flags and KICK hows: kvmpy/tracing/recorder.py's. */
@@ -202,6 +216,15 @@ enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest
 enum fastpath lapic_self_ipi_fast(struct vcpu *v, uint64_t value);
 enum fastpath lapic_eoi_fast(struct vcpu *v);
 enum fastpath lapic_x2apic_icr_write_fast(struct vcpu *v, uint64_t value);
+enum fastpath lapic_tsc_deadline_fast(struct vcpu *v, uint64_t value, uint64_t now);
+
+/* timer.c: the per-VM timer thread (IA32_TSC_DEADLINE writes the fastpath completes). */
+int timer_init(struct vm *vm);
+int timer_add_vcpu(struct vcpu *v);
+int timer_start(struct vm *vm);
+void timer_stop(struct vm *vm);
+void timer_destroy(struct vm *vm);
+void timer_arm(struct vcpu *v, uint64_t deadline_ns);
 
 /* kick.c: the kick protocol, halt polling and blocking. */
 int kvm_vcpu_kick(struct vcpu *target, struct vcpu *poster);

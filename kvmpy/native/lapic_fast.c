@@ -277,3 +277,41 @@ enum fastpath lapic_eoi_fast(struct vcpu *v)
 	return FASTPATH_REENTER_GUEST;
 }
 
+
+/*
+ * IA32_TSC_DEADLINE write at `now` (the exit's time): LocalApic.wrmsr with
+ * ApicTimer.set_tsc_deadline, then Vcpu.sync_timer (SDM 10.5.4.1), for the plain cases:
+ * the APIC enabled, its timer in TSC-deadline mode, no expiry due, and a deadline in
+ * the future (armed) or 0 (disarmed). Python's: a write outside TSC-deadline mode
+ * (ignored and counted; without CPUID TSC-deadline the mode cannot be set, and the
+ * write #GPs there), an expiry due (its _timer_catch_up fires it first), a deadline
+ * already passed (it fires at once: Python's expiry path), no published TSC line
+ * (Q_TSC_HZ 0), and --trace (the Python timer thread records each firing).
+ */
+enum fastpath lapic_tsc_deadline_fast(struct vcpu *v, uint64_t value, uint64_t now)
+{
+	struct lapic *a = &v->apic;
+	uint64_t *q = a->q, hz = q[Q_TSC_HZ], deadline = 0;
+	if (!hz || v->trace || a->r[R_MODE] == APIC_DISABLED ||
+	    a->r[R_TIMER_MODE] != TIMER_TSC_DEADLINE)
+		return FASTPATH_NONE;
+	if ((q[Q_TIMER_DEADLINE] && now >= q[Q_TIMER_DEADLINE]) || now < q[Q_TSC_REF_NS])
+		return FASTPATH_NONE;
+	if (value) {
+		/* LocalApic._tsc_on_line: tsc0 + (now - t0) * hz // 10**9 */
+		unsigned __int128 tsc_now = q[Q_TSC_REF] +
+			(unsigned __int128)(now - q[Q_TSC_REF_NS]) * hz / 1000000000u;
+		if (value <= tsc_now)
+			return FASTPATH_NONE;
+		/* now + ceil((value - tsc_now) * 10**9 / hz) */
+		unsigned __int128 ns = now + ((value - tsc_now) * 1000000000u + hz - 1) / hz;
+		if (ns > UINT64_MAX)
+			return FASTPATH_NONE;
+		deadline = (uint64_t)ns;
+	}
+	/* Owner-only words (this vCPU's thread; Python reads them on the same thread). */
+	q[Q_TSC_DEADLINE] = value;
+	q[Q_TIMER_DEADLINE] = deadline;
+	timer_arm(v, deadline);
+	return FASTPATH_REENTER_GUEST;
+}

@@ -43,6 +43,7 @@ static struct slot *get_slot(CoreObject *self, int i, bool attached)
 
 static void Core_dealloc(CoreObject *self)
 {
+	timer_destroy(&self->vm); /* the timer thread first: it kicks the vCPUs */
 	if (self->slots) {
 		for (int i = 0; i < self->vm.nvcpus; i++)
 			for (int b = 0; b < NBUF; b++)
@@ -59,6 +60,7 @@ static int Core_init(CoreObject *self, PyObject *args, PyObject *kwds)
 	static char *kw[] = {"nvcpus", "host_cpus", "halt_poll_max_ns", "setting", NULL};
 	int n, host_cpus, setting = SETTING_NATIVE;
 	unsigned long long poll_max = 0;
+	self->vm.timer_epfd = self->vm.timer_stopfd = -1; /* before any failure: dealloc */
 	if (!PyArg_ParseTupleAndKeywords(args, kwds, "ii|Ki", kw, &n, &host_cpus, &poll_max,
 					 &setting))
 		return -1;
@@ -86,8 +88,13 @@ static int Core_init(CoreObject *self, PyObject *args, PyObject *kwds)
 		v->vm = &self->vm;
 		v->index = i;
 		v->fd = -1;
+		v->timerfd = -1;
 		v->halt_poll_ns = 0;
 		self->vm.vcpus[i] = v;
+	}
+	if (timer_init(&self->vm) < 0) {
+		PyErr_SetFromErrno(PyExc_OSError);
+		return -1;
 	}
 	kick_install_signal_handler();
 	return 0;
@@ -135,6 +142,14 @@ static PyObject *Core_attach(CoreObject *self, PyObject *args)
 		}
 	}
 	struct vcpu *v = &s->v;
+	/* The timer thread starts with the first vCPU (the fastpath's TSC deadlines). */
+	if ((v->timerfd < 0 && timer_add_vcpu(v) < 0) || timer_start(&self->vm) < 0) {
+		PyErr_SetFromErrno(PyExc_OSError);
+		for (int b = 0; b < B_TRACE; b++)
+			if (s->buf[b].obj)
+				PyBuffer_Release(&s->buf[b]);
+		return NULL;
+	}
 	v->fd = fd;
 	v->run = s->buf[B_RUN].obj ? s->buf[B_RUN].buf : &s->model_run;
 	v->apic.irr = s->buf[B_IRR].buf;
@@ -227,7 +242,8 @@ static PyObject *Core_send_posted_kicks(CoreObject *self, PyObject *args)
 	Py_RETURN_NONE;
 }
 
-/* stop(): every vCPU leaves the core: the stop flag, then a kick of each. */
+/* stop(): every vCPU leaves the core: the stop flag, then a kick of each; then the
+ * timer thread stops (joined: it never takes the GIL). */
 static PyObject *Core_stop(CoreObject *self, PyObject *noargs)
 {
 	/* seq_cst: before the kicks' request stores; loops re-check it after IN_GUEST. */
@@ -238,6 +254,7 @@ static PyObject *Core_stop(CoreObject *self, PyObject *noargs)
 		if (self->slots[i].attached) /* no stats, and nobody asleep, otherwise */
 			kick_wake(v); /* a sleeper in any mode (Python's sleep too) */
 	}
+	timer_stop(&self->vm);
 	Py_RETURN_NONE;
 }
 
@@ -401,18 +418,20 @@ static PyObject *Core_mode(CoreObject *self, PyObject *args)
 	return PyLong_FromLong(atomic_load_explicit(&v->mode, memory_order_seq_cst));
 }
 
-/* The fastpath on a model vCPU (tests): fast_wrmsr(i, msr, value) -> fastpath. */
+/* The fastpath on a model vCPU (tests): fast_wrmsr(i, msr, value[, t_exit_ns]) ->
+ * fastpath; t_exit_ns (the exit's time, a TSC-deadline write's "now") defaults to now. */
 static PyObject *Core_fast_wrmsr(CoreObject *self, PyObject *args)
 {
 	int i;
 	unsigned int msr;
-	unsigned long long value;
-	if (!PyArg_ParseTuple(args, "iIK", &i, &msr, &value))
+	unsigned long long value, t_exit = 0;
+	if (!PyArg_ParseTuple(args, "iIK|K", &i, &msr, &value, &t_exit))
 		return NULL;
 	struct slot *s = get_slot(self, i, true);
 	if (!s)
 		return NULL;
-	struct exit exit = {.reason = KVM_EXIT_X86_WRMSR, .a = msr, .b = value};
+	struct exit exit = {.reason = KVM_EXIT_X86_WRMSR, .a = msr, .b = value,
+			    .t_exit_ns = t_exit ? t_exit : now_ns()};
 	return PyLong_FromLong(handle_exit_irqoff(&s->v, &exit));
 }
 
@@ -641,9 +660,10 @@ PyMODINIT_FUNC PyInit__core(void)
 	PyModule_AddObject(m, "Core", (PyObject *)&CoreType);
 	ADD(R_TPR); ADD(R_PPR); ADD(R_MODE); ADD(R_SW_ENABLED); ADD(R_APIC_ID); ADD(R_XAPIC_ID);
 	ADD(R_LDR); ADD(R_DFR); ADD(R_X2APIC_LDR); ADD(R_SVR); ADD(R_ICR_LOW); ADD(R_ICR_DEST);
-	ADD(R_SLOW_EVENTS); ADD(R_CR8); ADD(R_EXTINT); ADD(R_NWORDS);
+	ADD(R_SLOW_EVENTS); ADD(R_CR8); ADD(R_EXTINT); ADD(R_TIMER_MODE); ADD(R_NWORDS);
 	ADD(Q_BASE_ADDRESS); ADD(Q_IPI_SENT); ADD(Q_IPI_NO_TARGET); ADD(Q_RX_FIXED);
 	ADD(Q_RX_REJECTED); ADD(Q_INJECTED); ADD(Q_EOI); ADD(Q_SELF_IPI); ADD(Q_TIMER_DEADLINE);
+	ADD(Q_TSC_DEADLINE); ADD(Q_TSC_HZ); ADD(Q_TSC_REF); ADD(Q_TSC_REF_NS);
 	ADD(Q_NWORDS); ADD(REGS_BYTES);
 	ADD(MAX_REASON); ADD(NBUCKETS); ADD(S_COUNT); ADD(S_FAST); ADD(S_FAST_TOTAL);
 	ADD(S_ICR_FAST); ADD(S_HALT_POLL_OK); ADD(S_HALT_SLEPT); ADD(S_KICK_SIGNALS);

@@ -17,6 +17,7 @@
 
 #include "core.h"
 
+#define MSR_TSC_DEADLINE 0x6E0
 #define MSR_X2APIC_EOI 0x80B
 #define MSR_X2APIC_ICR 0x830
 #define MSR_X2APIC_SELF_IPI 0x83F
@@ -206,6 +207,8 @@ static enum fastpath handle_fastpath_wrmsr(struct vcpu *v, const struct exit *ex
 {
 	uint64_t value = exit->b;
 	switch (exit->a) {
+	case MSR_TSC_DEADLINE: /* upstream's handle_fastpath_set_tscdeadline */
+		return lapic_tsc_deadline_fast(v, value, exit->t_exit_ns);
 	case MSR_X2APIC_ICR:
 		return lapic_x2apic_icr_write_fast(v, value);
 	case MSR_X2APIC_SELF_IPI:
