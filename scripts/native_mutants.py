@@ -78,9 +78,9 @@ MUTANTS = {
         "if (!a->r[R_SW_ENABLED] || a->r[R_MODE] == APIC_DISABLED) {",
         "if (a->r[R_MODE] == APIC_DISABLED) {"),
     "lp_sw": (L,
-        "if (t == skip || a->r[R_MODE] == APIC_DISABLED || !a->r[R_SW"
+        "if (t == skip || peer_reg(a, R_MODE) == APIC_DISABLED || !a->r[R_SW"
         "_ENABLED])",
-        "if (t == skip || a->r[R_MODE] == APIC_DISABLED)"),
+        "if (t == skip || peer_reg(a, R_MODE) == APIC_DISABLED)"),
     "no_kick": (L,
         "\tkvm_vcpu_kick(t, src);\n",
         "\n"),
@@ -88,10 +88,14 @@ MUTANTS = {
         "atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_INJECT"
         "ED], 1, memory_order_relaxed);",
         ";"),
-    "renum": (L,
-        "if (atomic_load_explicit(&vm->renumbered, memory_order_relax"
-        "ed))\n\t\treturn FASTPATH_NONE;",
-        ""),
+    "alias_all": (L,
+        "if (dm == DM_FIXED && atomic_load_explicit(&vm->renumbered, m"
+        "emory_order_relaxed)) {",
+        "if (0) {"),
+    "alias_index_first": (L,
+        "if (dest < (uint32_t)vm->nvcpus && has_physical_id(vm->vcpus"
+        "[dest], dest))",
+        "if (0)"),
     "eoi_nonzero": (V,
         "if (value || v->apic.r[R_MODE] != APIC_X2APIC)",
         "if (v->apic.r[R_MODE] != APIC_X2APIC)"),
@@ -107,9 +111,11 @@ MUTANTS = {
         "if ((dm != DM_FIXED && dm != DM_LOWEST && dm != 4) || vector"
         " < 16)"),
     "phys_disabled": (L,
-        "if (t && t->apic.r[R_MODE] != APIC_DISABLED && match_physica"
-        "l(t, dest))",
-        "if (t && match_physical(t, dest))"),
+        "if (mode == APIC_DISABLED)\n\t\treturn false;",
+        ""),
+    "phys_mode": (L,
+        "mode == APIC_X2APIC ? R_APIC_ID : R_XAPIC_ID",
+        "R_XAPIC_ID"),
     "lp_logical": (L,
         "if (!broadcast && !match_logical(t, dest))\n\t\t\tcontinue;",
         ""),

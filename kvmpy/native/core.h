@@ -155,7 +155,8 @@ struct vm {
 	int host_cpus;
 	uint64_t halt_poll_max_ns;
 	_Atomic int setting;       /* enum fastpath_setting */
-	_Atomic int renumbered;    /* an APIC ID is not its index: IPIs take Python's route */
+	_Atomic int renumbered;    /* an APIC ID may not be its index (bus.py): a fixed
+				    * physical IPI goes to every APIC with the ID (a scan) */
 };
 
 /* Trace record kinds, SEND flags and KICK hows: kvmpy/tracing/recorder.py's. */
