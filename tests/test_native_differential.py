@@ -885,22 +885,37 @@ def test_renumbered_vm_ipis_stay_on_the_fastpath() -> None:
 
 def test_aliased_xapic_ids_on_the_fastpath() -> None:
     """Two APICs given one xAPIC ID both take a fixed physical IPI to it, on the
-    fastpath; the ID written back to its index ends the alias."""
+    fastpath; a lowest-priority one goes to the APIC at the ID's index first; the ID
+    written back to its index ends the alias."""
     m = _pair([0, 1, 2], x2=False)
-    m.xapic_icr(0, 0x41, ("id", 1), True, 0, 0)
+    m.xapic_icr(2, 0x41, ("id", 1), True, 0, 0)
     assert [a.irr[0x41] for a in m.nat.apics] == [0, 1, 0]
-    m.xapic_id_write(2, ("other", 1))
-    assert m.nat.bus.renumbered and m.nat.apics[2].xapic_id == 1
-    m.xapic_icr(0, 0x42, ("id", 1), True, 0, 0)  # asserts REENTER, compares with Python
-    assert [a.irr[0x42] for a in m.nat.apics] == [0, 1, 1]
-    assert m.nat.core.take_request(1) is False  # compare() collected both kicks
-    m.xapic_icr(0, LOWEST << 8 | 0x43, ("id", 1), True, 0, 0)
+    m.xapic_id_write(0, ("other", 1))
+    assert m.nat.bus.renumbered and m.nat.apics[0].xapic_id == 1
+    m.xapic_icr(2, 0x42, ("id", 1), True, 0, 0)  # asserts REENTER, compares with Python
+    assert [a.irr[0x42] for a in m.nat.apics] == [1, 1, 0]
+    m.xapic_icr(2, LOWEST << 8 | 0x43, ("id", 1), True, 0, 0)
     assert [a.irr[0x43] for a in m.nat.apics] == [0, 1, 0]  # _physical_target: index 1
-    m.xapic_icr(0, 0x44, ("id", 2), True, 0, 0)
-    assert m.nat.apics[0].stats["ipi_no_target"] == 1  # nobody has ID 2 now
-    m.xapic_id_write(2, ("index",))
-    m.xapic_icr(0, 0x45, ("id", 1), True, 0, 0)
+    m.xapic_icr(2, 0x44, ("id", 0), True, 0, 0)
+    assert m.nat.apics[2].stats["ipi_no_target"] == 1  # nobody has ID 0 now
+    m.xapic_id_write(0, ("index",))
+    m.xapic_icr(2, 0x45, ("id", 1), True, 0, 0)
     assert [a.irr[0x45] for a in m.nat.apics] == [0, 1, 0]
+
+
+@pytest.mark.parametrize("x2", [True, False])
+@pytest.mark.parametrize("dm", [SMI, 3, NMI, INIT, SIPI, 7])
+def test_other_delivery_modes_are_handed_over(x2: bool, dm: int) -> None:
+    """NMI, INIT, SIPI, SMI and the reserved modes: NONE, no trace, Python sends them."""
+    m = _pair([0, 1], x2=x2)
+    m.icr(0, dm << 8 | 0x41, ("id", 1), False, 0, True, 0, 0)  # asserts NONE
+
+
+@pytest.mark.parametrize("vector", [0, 15])
+def test_self_ipi_with_an_illegal_vector_is_handed_over(vector: int) -> None:
+    m = _pair([0, 1])
+    m.self_ipi(0, vector)  # asserts NONE
+    assert m.nat.apics[0].esr_pending
 
 
 def test_aliased_id_with_the_alias_in_x2apic_mode() -> None:
