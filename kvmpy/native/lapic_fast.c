@@ -214,7 +214,7 @@ enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest
 	bool logical = low & ICR_DEST_LOGICAL;
 	bool broadcast = sh != SH_NONE || dest == (x2 ? 0xFFFFFFFFu : 0xFFu);
 	if (!broadcast && !logical) {
-		/* relaxed: peer_reg's reasoning; Python sets it with the ID that caused it. */
+		/* relaxed: Python stores it in the exit that stored the ID (peer_reg). */
 		if (dm == DM_FIXED && atomic_load_explicit(&vm->renumbered, memory_order_relaxed)) {
 			/* IDs may alias (bus.py): every APIC with the ID takes a fixed IPI. */
 			bool hit = false;
