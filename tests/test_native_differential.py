@@ -10,17 +10,18 @@ the way Python's own fastpath and slow path drive it (``exits.handle_exit_irqoff
 
 Hypothesis drives both with the same random exits: ICR writes of every kind (x2APIC MSR
 and xAPIC MMIO with ICR-high writes, all delivery modes, physical/logical, shorthands,
-broadcast, reserved bits, illegal vectors), SELF_IPI, EOIs (edge, and level after an I/O
-APIC-style ``accept_fixed(v, True)``), TPR and CR8 changes, SVR, LDR/DFR, xAPIC ID
-renumbering, IA32_APIC_BASE mode switches, HLT with IF 0/1, the loop top's injection,
-and IA32_TSC_DEADLINE writes (armed, disarmed, past, due) with the LVT timer's modes and
-the clock moving on. After every step the whole APIC state of both sets must agree
-(IRR/ISR/TMR, the shared register words, pending NMI/INIT/SIPI/SMI, ESR, LVTs,
+broadcast, reserved bits, illegal vectors), SELF_IPI, EOIs (edge, and level after an
+I/O APIC-style ``accept_fixed(v, True)``), TPR and CR8 changes, SVR, LDR/DFR, xAPIC ID
+writes (renumbering, two APICs given one ID, an ID written back to its index) with IPIs
+to the IDs as they are now, IA32_APIC_BASE mode switches, HLT with IF 0/1, the loop top's
+injection, and IA32_TSC_DEADLINE writes (armed, disarmed, past, due) with the LVT timer's
+modes and the clock moving on. After every step the whole APIC state of both sets must
+agree (IRR/ISR/TMR, the shared register words, pending NMI/INIT/SIPI/SMI, ESR, LVTs,
 ``apic.stats``), each APIC must pass ``check_invariants``, the SETS of kicked vCPUs must
 agree (Python: the bus's ``notify``; native: ``core.take_request`` plus the slow path's
 notifies), and the core's verdicts must be the ones its contract promises (NONE leaves
-no trace; a fixed or lowest-priority IPI with a legal vector in a VM numbered by index
-is REENTER_GUEST).
+no trace; a fixed or lowest-priority IPI with a legal vector is REENTER_GUEST, whatever
+the APIC IDs).
 
 One divergence is allowed, and pinned by test_hlt_with_smi_pending_* below: the core's
 HLT test ends a halt on any published slow event (R_SLOW_EVENTS), Python's only on INIT
@@ -32,7 +33,7 @@ when raised; kvm_run.cr8 shows it at the next exit) followed by an exit that rea
 Python's slow path. Vcpu.after_apic_write writes TPR into kvm_run.cr8 before the loop
 top has taken the guest's CR8 as TPR, so the guest's write is lost (QEMU takes run->cr8
 into the APIC at every exit, kvm_arch_post_run). The core hands over exits Python's own
-fastpath completes (NMI/INIT/SIPI/SMI IPIs, illegal vectors, renumbered VMs), so with
+fastpath completes (NMI/INIT/SIPI/SMI IPIs, illegal vectors), so with
 it the loss is reached more often. Here the guest's CR8 writes reach kvm_run.cr8 just
 before a loop top (a kick's exit, which needs no handling).
 """
@@ -284,9 +285,11 @@ vectors = weighted((4, st.sampled_from(HOT_VECTORS)), (4, st.integers(16, 255)),
                    (1, st.integers(0, 15)))
 shorthands = weighted((6, 0), (1, 1), (2, 2), (2, 3))
 # Destination: ("id", k) is the k-th APIC's ID, ("bcast",) the sender mode's broadcast,
-# ("raw", value) anything (logical masks, cluster IDs, absent IDs, huge values).
+# ("cur", k) the k-th APIC's physical ID now (after xAPIC ID writes), ("raw", value)
+# anything (logical masks, cluster IDs, absent IDs, huge values).
 dests = weighted(
-    (6, st.tuples(st.just("id"), st.integers(0, 3))),
+    (4, st.tuples(st.just("id"), st.integers(0, 3))),
+    (3, st.tuples(st.just("cur"), st.integers(0, 3))),
     (2, st.tuples(st.just("bcast"))),
     # A logical destination: cluster (x2APIC ID[19:4], or the xAPIC cluster nibble) and
     # the member bits.
@@ -398,15 +401,16 @@ class NativeVsPython(RuleBasedStateMachine):
         if dest[0] == "id":
             apic_id = self.ids[dest[1] % self.n]
             return apic_id if x2 else apic_id & 0xFF
+        if dest[0] == "cur":
+            apic = self.nat.apics[dest[1] % self.n]
+            apic_id = apic.apic_id if apic.mode is ApicMode.X2APIC else apic.xapic_id
+            return apic_id if x2 else apic_id & 0xFF
         if dest[0] == "bcast":
             return 0xFFFFFFFF if x2 else 0xFF
         if dest[0] == "logical":
             cluster, bits = dest[1], dest[2]
             return cluster << 16 | bits if x2 else cluster << 4 | bits
         return dest[1] if x2 else dest[1] & 0xFF
-
-    def _renumbered(self) -> bool:
-        return self.nat.bus.renumbered
 
     def compare(self, what: str) -> None:
         """Both sets agree, kicks included; every APIC passes its invariants."""
@@ -499,6 +503,36 @@ class NativeVsPython(RuleBasedStateMachine):
                  if self.nat.apics[src % self.n].mode is not ApicMode.X2APIC else cluster,
                  bits), False, 0, True, 0, 0)
 
+    @rule(src=st.integers(0, 3),
+          to=weighted((2, st.tuples(st.just("index"))),
+                      (3, st.tuples(st.just("other"), st.integers(0, 3))),
+                      (1, st.tuples(st.just("raw"), st.sampled_from([0, 1, 2, 3, 5, 0xFE,
+                                                                     0xFF])))))
+    def xapic_id_write(self, src: int, to: tuple) -> None:
+        """An xAPIC ID write (SDM 10.4.6): back to the APIC's index-numbered ID, another
+        APIC's current ID (two APICs with one ID), or a raw value. Through the page, so in
+        x2APIC mode it reaches no APIC."""
+        i = src % self.n
+        if self.py.waiting[i]:
+            return
+        if to[0] == "index":
+            new = self.nat.apics[i].apic_id & 0xFF
+        elif to[0] == "other":
+            new = self.nat.apics[to[1] % self.n].xapic_id
+        else:
+            new = to[1]
+        self.mmio_write(i, c.REG_ID, 4, new << 24)
+
+    @rule(src=st.integers(0, 3), a=st.integers(0, 3), b=st.integers(0, 3),
+          dm=st.sampled_from([FIXED, LOWEST]), vector=st.sampled_from(HOT_VECTORS),
+          xapic_icr=st.booleans())
+    def aliased_ipi(self, src: int, a: int, b: int, dm: int, vector: int,
+                    xapic_icr: bool) -> None:
+        """APIC b takes APIC a's xAPIC ID, then a physical IPI to that ID (fixed: both
+        take it in xAPIC mode; lowest priority: one of them, ApicBus._physical_target)."""
+        self.xapic_id_write(b, ("other", a))
+        self.icr(src, vector | dm << 8, ("cur", a), xapic_icr, 0, True, 0, 0)
+
     def x2apic_icr(self, src: int, low: int, dest: tuple, bit12_high: int) -> None:
         i = src % self.n
         if self.py.waiting[i]:
@@ -514,7 +548,7 @@ class NativeVsPython(RuleBasedStateMachine):
             lambda: slow_wrmsr(self.nat, i, c.MSR_X2APIC_ICR, value), what)
         dm, vector = (low >> 8) & 7, low & 0xFF
         covered = (mode is ApicMode.X2APIC and not value & X2_ICR_RESERVED
-                   and dm in (FIXED, LOWEST) and vector >= 16 and not self._renumbered())
+                   and dm in (FIXED, LOWEST) and vector >= 16)
         assert nfp == (REENTER if covered else NONE), f"{what}: verdict {nfp}"
         if nfp == REENTER:
             assert fp == REENTER, f"{what}: the core completed what Python hands over"
@@ -541,8 +575,7 @@ class NativeVsPython(RuleBasedStateMachine):
             lambda: slow_mmio_write(self.nat, i, gpa, 4, value), what)
         stored = low & XAPIC_ICR_LOW_WRITABLE
         dm, vector = (stored >> 8) & 7, stored & 0xFF
-        covered = (apic.mode is ApicMode.XAPIC and dm in (FIXED, LOWEST) and vector >= 16
-                   and not self._renumbered())
+        covered = apic.mode is ApicMode.XAPIC and dm in (FIXED, LOWEST) and vector >= 16
         assert nfp == (REENTER if covered else NONE), f"{what}: verdict {nfp}"
         self.compare(what)
 
@@ -561,7 +594,7 @@ class NativeVsPython(RuleBasedStateMachine):
         nfp = self.native_exit(
             i, lambda: self.nat.core.fast_wrmsr(i, c.MSR_X2APIC_SELF_IPI, value),
             lambda: slow_wrmsr(self.nat, i, c.MSR_X2APIC_SELF_IPI, value), what)
-        covered = mode is ApicMode.X2APIC and 16 <= value <= 0xFF and not self._renumbered()
+        covered = mode is ApicMode.X2APIC and 16 <= value <= 0xFF
         assert nfp == (REENTER if covered else NONE), f"{what}: verdict {nfp}"
         self.compare(what)
 
@@ -895,20 +928,62 @@ def test_reserved_bit_icr_is_none_and_gp_on_both_sides() -> None:
     assert m.nat.apics[0].stats["gp"] == 1 and not m.nat.apics[1].irr[0x40]
 
 
-def test_renumbered_vm_hands_every_ipi_to_python() -> None:
+def test_renumbered_vm_ipis_stay_on_the_fastpath() -> None:
+    """APIC IDs that are not indexes: the core finds the APIC with the ID (REENTER)."""
     m = _pair([0, 5])
-    assert m.nat.core.fast_wrmsr(0, c.MSR_X2APIC_ICR, 5 << 32 | 0x40) == NONE
-    m.x2apic_icr(0, 0x40, ("id", 1), 0)
-    assert m.nat.apics[1].irr[0x40]
-
-
-def test_xapic_id_write_renumbers_the_core() -> None:
-    m = _pair([0, 1], x2=False)
-    m.xapic_icr(0, 0x41, ("id", 1), True, 0, 0)
-    assert m.nat.apics[1].irr[0x41]
-    m.register_write(1, c.REG_ID, 0x07000000, False, 4, False, False)
     assert m.nat.bus.renumbered
-    assert m.nat.core.fast_mmio_write(0, c.APIC_DEFAULT_BASE + c.REG_ICR_LOW, 4, 0x42) == NONE
+    m.x2apic_icr(0, 0x40, ("id", 1), 0)  # asserts REENTER
+    assert m.nat.apics[1].irr[0x40]
+    m.x2apic_icr(0, 0x41, ("raw", 1), 0)
+    assert m.nat.apics[0].stats["ipi_no_target"] == 1
+
+
+def test_aliased_xapic_ids_on_the_fastpath() -> None:
+    """Two APICs given one xAPIC ID both take a fixed physical IPI to it, on the
+    fastpath; a lowest-priority one goes to the APIC at the ID's index first; the ID
+    written back to its index ends the alias."""
+    m = _pair([0, 1, 2], x2=False)
+    m.xapic_icr(2, 0x41, ("id", 1), True, 0, 0)
+    assert [a.irr[0x41] for a in m.nat.apics] == [0, 1, 0]
+    m.xapic_id_write(0, ("other", 1))
+    assert m.nat.bus.renumbered and m.nat.apics[0].xapic_id == 1
+    m.xapic_icr(2, 0x42, ("id", 1), True, 0, 0)  # asserts REENTER, compares with Python
+    assert [a.irr[0x42] for a in m.nat.apics] == [1, 1, 0]
+    m.xapic_icr(2, LOWEST << 8 | 0x43, ("id", 1), True, 0, 0)
+    assert [a.irr[0x43] for a in m.nat.apics] == [0, 1, 0]  # _physical_target: index 1
+    m.xapic_icr(2, 0x44, ("id", 0), True, 0, 0)
+    assert m.nat.apics[2].stats["ipi_no_target"] == 1  # nobody has ID 0 now
+    m.xapic_id_write(0, ("index",))
+    m.xapic_icr(2, 0x45, ("id", 1), True, 0, 0)
+    assert [a.irr[0x45] for a in m.nat.apics] == [0, 1, 0]
+
+
+@pytest.mark.parametrize("x2", [True, False])
+@pytest.mark.parametrize("dm", [SMI, 3, NMI, INIT, SIPI, 7])
+def test_other_delivery_modes_are_handed_over(x2: bool, dm: int) -> None:
+    """NMI, INIT, SIPI, SMI and the reserved modes: NONE, no trace, Python sends them."""
+    m = _pair([0, 1], x2=x2)
+    m.icr(0, dm << 8 | 0x41, ("id", 1), False, 0, True, 0, 0)  # asserts NONE
+
+
+@pytest.mark.parametrize("vector", [0, 15])
+def test_self_ipi_with_an_illegal_vector_is_handed_over(vector: int) -> None:
+    m = _pair([0, 1])
+    m.self_ipi(0, vector)  # asserts NONE
+    assert m.nat.apics[0].esr_pending
+
+
+def test_aliased_id_with_the_alias_in_x2apic_mode() -> None:
+    """Mixed modes: an x2APIC-mode APIC matches by its x2APIC ID, not the xAPIC ID it
+    had; a globally disabled APIC with the ID takes nothing."""
+    m = _pair([0, 1, 2], x2=False)
+    m.xapic_id_write(0, ("other", 2))
+    m.apic_base(2, c.APIC_BASE_EN | c.APIC_BASE_EXTD, False)
+    m.xapic_icr(1, 0x46, ("raw", 2), True, 0, 0)
+    assert [a.irr[0x46] for a in m.nat.apics] == [1, 0, 1]
+    m.apic_base(2, 0, False)
+    m.xapic_icr(1, 0x47, ("raw", 2), True, 0, 0)
+    assert [a.irr[0x47] for a in m.nat.apics] == [1, 0, 0]
 
 
 def test_level_eoi_goes_to_python_and_reaches_the_ioapic() -> None:

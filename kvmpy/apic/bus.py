@@ -79,7 +79,7 @@ class ApicBus:
         # route, which finds every APIC with the destination ID, aliases included.
         self._renumbered = False
         # The native exit core (kvmpy._core.Core) of the VM, if any: told when IDs stop
-        # being indexes, so its fastpath hands those IPIs to this general route.
+        # being indexes, so its fastpath routes physical IPIs as the general route does.
         self.core = None
         # kvmpy.tracing.Tracer, or None: told of each IPI before it is published.
         self.tracer: Tracer | None = None

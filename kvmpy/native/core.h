@@ -171,7 +171,8 @@ struct vm {
 	int host_cpus;
 	uint64_t halt_poll_max_ns;
 	_Atomic int setting;       /* enum fastpath_setting */
-	_Atomic int renumbered;    /* an APIC ID is not its index: IPIs take Python's route */
+	_Atomic int renumbered;    /* an APIC ID may not be its index (bus.py): a fixed
+				    * physical IPI goes to every APIC with the ID (a scan) */
 	bool sync_events;          /* KVM_CAP_SYNC_REGS has KVM_SYNC_X86_EVENTS: inject by it */
 	/* timer.c: the thread that kicks vCPUs at the deadlines the core armed */
 	int timer_epfd, timer_stopfd;

@@ -129,25 +129,53 @@ static void deliver_fixed(struct vcpu *src, struct vcpu *t, int vector, int dm)
 			  : mode == BLOCKED ? KICK_HOW_WAKE : KICK_HOW_NONE);
 }
 
-/* destination.py match_physical (SDM 10.6.2.1) */
-static bool match_physical(struct vcpu *t, uint32_t dest)
+/* A routing word of another vCPU's APIC (mode, xAPIC ID, LDR, DFR), loaded whole.
+ * relaxed: its owner stores it in its own exit handling (Python, under the GIL) and
+ * publishes nothing else with it. A sender racing the store routes by the old or the new
+ * value, as an IPI racing an ID change may on hardware; a sender the guest told of the
+ * change (through guest memory) loads after the owner re-entered the guest, and that
+ * KVM_RUN entry (a syscall: a full barrier) follows the store. */
+static inline uint32_t peer_reg(const struct lapic *a, int r)
 {
-	struct lapic *a = &t->apic;
-	if (a->r[R_MODE] == APIC_X2APIC)
-		return dest == a->r[R_APIC_ID];
-	return dest == a->r[R_XAPIC_ID];
+	return atomic_load_explicit((_Atomic uint32_t *)&a->r[r], memory_order_relaxed);
+}
+
+/* On the bus (not globally disabled, bus.py) and destination.py match_physical
+ * (SDM 10.6.2.1): the x2APIC ID in x2APIC mode, else the 8-bit xAPIC ID. */
+static bool has_physical_id(struct vcpu *t, uint32_t dest)
+{
+	uint32_t mode = peer_reg(&t->apic, R_MODE);
+	if (mode == APIC_DISABLED)
+		return false;
+	return dest == peer_reg(&t->apic, mode == APIC_X2APIC ? R_APIC_ID : R_XAPIC_ID);
+}
+
+/* ApicBus._physical_target: the APIC at index `dest` if it has that ID (kvmpy's
+ * numbering), else the first with it; NULL if none. IDs are found by scanning the
+ * vCPUs' own ID words, not through a map (KVM's kvm_recalculate_apic_map): the words are
+ * the Python model's, so the scan can never disagree with it and there is nothing to
+ * rebuild or publish; it costs two loads per vCPU, as the logical and broadcast loops
+ * below, and is reached only when the APIC at index `dest` does not have the ID. */
+static struct vcpu *physical_target(struct vm *vm, uint32_t dest)
+{
+	if (dest < (uint32_t)vm->nvcpus && has_physical_id(vm->vcpus[dest], dest))
+		return vm->vcpus[dest];
+	for (int i = 0; i < vm->nvcpus; i++)
+		if (has_physical_id(vm->vcpus[i], dest))
+			return vm->vcpus[i];
+	return NULL;
 }
 
 /* destination.py match_logical (SDM 10.6.2.2, 10.12.10.2) */
 static bool match_logical(struct vcpu *t, uint32_t dest)
 {
 	struct lapic *a = &t->apic;
-	if (a->r[R_MODE] == APIC_X2APIC) {
-		uint32_t ldr = a->r[R_X2APIC_LDR];
+	if (peer_reg(a, R_MODE) == APIC_X2APIC) {
+		uint32_t ldr = a->r[R_X2APIC_LDR]; /* fixed by the x2APIC ID */
 		return (dest >> 16) == (ldr >> 16) && (dest & ldr & 0xFFFF) != 0;
 	}
-	uint32_t logical_id = a->r[R_LDR] >> 24, mda = dest & 0xFF;
-	if ((a->r[R_DFR] >> 28) == DFR_MODEL_FLAT)
+	uint32_t logical_id = peer_reg(a, R_LDR) >> 24, mda = dest & 0xFF;
+	if ((peer_reg(a, R_DFR) >> 28) == DFR_MODEL_FLAT)
 		return (mda & logical_id) != 0;
 	return (mda >> 4) == (logical_id >> 4) && (mda & logical_id & 0xF) != 0;
 }
@@ -162,7 +190,7 @@ static struct vcpu *lowest_priority(struct vcpu *src, int vector, uint32_t dest,
 	for (int i = 0; i < vm->nvcpus; i++) {
 		struct vcpu *t = vm->vcpus[i];
 		struct lapic *a = &t->apic;
-		if (t == skip || a->r[R_MODE] == APIC_DISABLED || !a->r[R_SW_ENABLED])
+		if (t == skip || peer_reg(a, R_MODE) == APIC_DISABLED || !a->r[R_SW_ENABLED])
 			continue;
 		if (!broadcast && !match_logical(t, dest))
 			continue;
@@ -180,8 +208,8 @@ static struct vcpu *lowest_priority(struct vcpu *src, int vector, uint32_t dest,
  * An ICR write of a fixed or lowest-priority IPI with a legal vector, in either mode:
  * `low` is ICR[31:0] as stored, `dest` ICR[63:32] (x2APIC) or ICR[63:56] (xAPIC).
  * ApicBus.send_ipi's routing for those modes. Other delivery modes (NMI, INIT, SIPI,
- * SMI, reserved), an illegal vector (an ESR error) and a VM whose APIC IDs are not
- * their indexes return NONE with nothing done: Python's slow path sends them.
+ * SMI, reserved) and an illegal vector (an ESR error) return NONE with nothing done:
+ * Python's slow path sends them. APIC IDs software changed are routed here too.
  */
 enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest)
 {
@@ -191,9 +219,6 @@ enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest
 	bool x2 = sa->r[R_MODE] == APIC_X2APIC;
 
 	if ((dm != DM_FIXED && dm != DM_LOWEST) || vector < 16)
-		return FASTPATH_NONE;
-	/* relaxed: set once by Python before any vCPU runs, or while renumbering. */
-	if (atomic_load_explicit(&vm->renumbered, memory_order_relaxed))
 		return FASTPATH_NONE;
 	sa->r[R_ICR_LOW] = low;
 	if (x2)
@@ -207,8 +232,23 @@ enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest
 	bool logical = low & ICR_DEST_LOGICAL;
 	bool broadcast = sh != SH_NONE || dest == (x2 ? 0xFFFFFFFFu : 0xFFu);
 	if (!broadcast && !logical) {
-		struct vcpu *t = dest < (uint32_t)vm->nvcpus ? vm->vcpus[dest] : NULL;
-		if (t && t->apic.r[R_MODE] != APIC_DISABLED && match_physical(t, dest))
+		/* relaxed: Python stores it in the exit that stored the ID (peer_reg). */
+		if (dm == DM_FIXED && atomic_load_explicit(&vm->renumbered, memory_order_relaxed)) {
+			/* IDs may alias (bus.py): every APIC with the ID takes a fixed IPI. */
+			bool hit = false;
+			for (int i = 0; i < vm->nvcpus; i++) {
+				if (has_physical_id(vm->vcpus[i], dest)) {
+					hit = true;
+					deliver_fixed(src, vm->vcpus[i], vector, dm);
+				}
+			}
+			if (!hit)
+				atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_NO_TARGET],
+							  1, memory_order_relaxed);
+			return FASTPATH_REENTER_GUEST;
+		}
+		struct vcpu *t = physical_target(vm, dest);
+		if (t)
 			deliver_fixed(src, t, vector, dm);
 		else
 			atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_NO_TARGET], 1,
@@ -227,7 +267,7 @@ enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest
 	}
 	for (int i = 0; i < vm->nvcpus; i++) {
 		struct vcpu *t = vm->vcpus[i];
-		if (t == skip || t->apic.r[R_MODE] == APIC_DISABLED)
+		if (t == skip || peer_reg(&t->apic, R_MODE) == APIC_DISABLED)
 			continue;
 		if (broadcast || match_logical(t, dest))
 			deliver_fixed(src, t, vector, dm);
@@ -249,8 +289,6 @@ enum fastpath lapic_self_ipi_fast(struct vcpu *v, uint64_t value)
 {
 	struct lapic *a = &v->apic;
 	if (a->r[R_MODE] != APIC_X2APIC || (value & ~0xFFull) || value < 16)
-		return FASTPATH_NONE;
-	if (atomic_load_explicit(&v->vm->renumbered, memory_order_relaxed))
 		return FASTPATH_NONE;
 	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_SELF_IPI], 1, memory_order_relaxed);
 	atomic_fetch_add_explicit((_Atomic uint64_t *)&a->q[Q_IPI_SENT], 1, memory_order_relaxed);
