@@ -95,6 +95,9 @@ def test_small_floor_run_structure_and_sanity() -> None:
             assert run.handle_p50_ns == run.handle_p99_ns == 0
         else:
             assert 0 < run.handle_p50_ns <= run.handle_p99_ns
+    c_run = result.runs["c"][0]  # the C floor also times ioctls after its loop
+    assert c_run.vcpu_ioctl_p50_ns is not None and c_run.vcpu_ioctl_p50_ns > 0
+    assert c_run.vm_ioctl_p50_ns is not None and c_run.vm_ioctl_p50_ns > 0
     for side in ("c", "python"):  # the bare loops time every exit themselves
         bare = result.runs[side][0]
         assert bare.icr_fast == 0

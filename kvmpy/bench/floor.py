@@ -206,6 +206,10 @@ class RunSample:
     handle_p99_ns: int
     rt_p50_ns: int | None = None  # per-exit round trip percentiles (bare loops only)
     rt_p99_ns: int | None = None
+    # The C floor, after its loop: a vCPU ioctl other than KVM_RUN (KVM_GET_VCPU_EVENTS:
+    # vcpu_load/vcpu_put, what a KVM_INTERRUPT per injection would cost) and a VM ioctl.
+    vcpu_ioctl_p50_ns: int | None = None
+    vm_ioctl_p50_ns: int | None = None
 
     @property
     def per_exit_ns(self) -> float:
@@ -240,6 +244,7 @@ def run_c(binary: Path, n: int, *, memory: int = MEMORY) -> RunSample:
         chunks_ns=tuple(_per_exit_ns(d["guest_tsc"], n, d["tsc_khz"])),
         wall_ns=d["total_ns"], handle_p50_ns=d["handle_p50_ns"],
         handle_p99_ns=d["handle_p99_ns"], rt_p50_ns=d["rt_p50_ns"], rt_p99_ns=d["rt_p99_ns"],
+        vcpu_ioctl_p50_ns=d["vcpu_ioctl_p50_ns"], vm_ioctl_p50_ns=d["vm_ioctl_p50_ns"],
     )
 
 
@@ -542,6 +547,14 @@ def print_table(result: FloorResult, file: TextIO | None = None) -> None:
         console.print(f"cost of recording handling times: round trip p50 "
                       f"{_us(timed.chunk_p50_ns)} us timed vs {_us(untimed.chunk_p50_ns)} us "
                       f"untimed ({timed.chunk_p50_ns / untimed.chunk_p50_ns - 1:+.1%})")
+    c_runs = result.runs["c"]
+    if c_runs and c_runs[0].vcpu_ioctl_p50_ns is not None:
+        vcpu_ioctl = statistics.median(r.vcpu_ioctl_p50_ns or 0 for r in c_runs)
+        vm_ioctl = statistics.median(r.vm_ioctl_p50_ns or 0 for r in c_runs)
+        console.print(f"a vCPU ioctl other than KVM_RUN (KVM_GET_VCPU_EVENTS) p50 "
+                      f"{_us(vcpu_ioctl)} us, a VM ioctl {_us(vm_ioctl)} us: what one "
+                      f"KVM_INTERRUPT per injection would add (kvmpy queues interrupts in "
+                      f"kvm_run.s.regs, docs/native-core.md)")
     traced = result.column("fastpath-traced")
     if timed.chunk_p50_ns:
         console.print(f"cost of tracing (kvmpy run --trace): round trip p50 "
