@@ -461,6 +461,10 @@ class Machine:
                 if vcpu.thread.is_alive():
                     print(f"kvmpy: vCPU {vcpu.index} did not stop", file=sys.stderr)
         self.timers.stop()
+        tracer, core = getattr(self, "tracer", None), getattr(self, "core", None)
+        if tracer is not None and core is not None and tracer.timer_ring.native is not None:
+            # The core's timer thread has stopped (core.stop joins it): its records.
+            tracer.timer_ring.native_count = core.timer_trace_count()
 
     @property
     def result(self) -> VmResult | None:

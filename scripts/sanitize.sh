@@ -63,6 +63,7 @@ run -m pytest -q -p no:cacheprovider -m "not slow" --capture=sys \
     tests/test_native_differential.py \
     tests/test_native_core.py \
     tests/test_native_inject.py \
+    tests/test_tracing_e2e.py::test_the_core_timer_threads_firings_are_traced \
     tests/test_apic_guests.py::test_apic_ipi_exact_counts \
     tests/test_ipi_stress.py::test_random_ipis_are_counted_exactly \
     "$@" 2> >(tee "$LOGS/stderr.txt" >&2) || status=$?

@@ -256,3 +256,30 @@ def test_traced_ipi_stress_on_4_vcpus_matches_the_guests_per_cpu_counts(tmp_path
             per_target[it["target"]] += 1
     assert dict(per_target) == guest
     assert trace["otherData"]["unsourced_injections"] == 0
+
+
+def test_the_core_timer_threads_firings_are_traced() -> None:
+    """Under --trace the native fastpath still takes IA32_TSC_DEADLINE writes, and the
+    core's timer thread records each firing and its kick (TIMER_FIRE, then KICK) in the
+    "timer thread" ring, as Python's TimerService does for the timers it arms."""
+    out = io.BytesIO()
+    cfg = MachineConfig(cpus=2, serial=out, cmdline="mode=x2apic")
+    with Machine(cfg) as m:
+        m.load(build_guest("apic_timer").read_bytes())
+        tracer = probes.attach(m)
+        result = m.run(timeout=120)
+        ring = tracer.timer_ring
+        assert ring.native is not None
+        native = memoryview(ring.native).cast("q").tolist()[: 4 * ring.native_count]
+    assert result.status == GUEST_OK, (result.message, out.getvalue()[-2000:])
+    assert b"apic_timer: ok" in out.getvalue()
+    recs = [tuple(native[i : i + 4]) for i in range(0, len(native), 4)]
+    fires = [x for x in recs if x[1] == r.TIMER_FIRE]
+    assert fires, "the core's timer thread recorded no firing: did --trace move the "\
+                  "TSC-deadline writes back to Python?"
+    for (t, kind, vcpu, deadline), nxt in zip(recs, recs[1:] + [None], strict=True):
+        if kind != r.TIMER_FIRE:
+            continue
+        assert vcpu in (0, 1) and 0 < deadline <= t  # never before its deadline
+        assert nxt is not None and nxt[1] == r.KICK and nxt[2] == vcpu
+        assert nxt[3] in (r.KICK_NONE, r.KICK_SIGNAL, r.KICK_WAKE)

@@ -145,6 +145,7 @@ struct vcpu {
 	 * ioctls call Core.events_changed first). Owner-only. */
 	bool events_fresh;
 	int timerfd;              /* timer.c: kicks this vCPU at a deadline the core armed */
+	_Atomic uint64_t timer_armed_ns; /* that deadline, for the timer thread's trace */
 	/* --trace: this vCPU's native ring (kvmpy/tracing/recorder.py's records, four
 	 * int64 each), written only by this vCPU's thread; NULL when not tracing. */
 	int64_t *trace;
@@ -178,10 +179,15 @@ struct vm {
 	int timer_epfd, timer_stopfd;
 	pthread_t timer_thread;
 	bool timer_running;
+	/* --trace: the timer thread's ring (TIMER_FIRE and KICK records, four int64 each),
+	 * written only by that thread; published with release by Core.timer_trace_attach. */
+	_Atomic(int64_t *) timer_trace;
+	uint64_t timer_trace_cap;
+	_Atomic uint64_t timer_trace_count;
 };
 
 /* Trace record kinds, SEND flags and KICK hows: kvmpy/tracing/recorder.py's. */
-enum { TR_DONE = 3, TR_INJECT = 4, TR_EOI = 5, TR_BLOCK = 7, TR_WOKE = 8, TR_UNBLOCK = 9,
+enum { TR_DONE = 3, TR_INJECT = 4, TR_TIMER_FIRE = 12, TR_EOI = 5, TR_BLOCK = 7, TR_WOKE = 8, TR_UNBLOCK = 9,
        TR_SEND = 10, TR_KICK = 11, TR_RUN = 14 };
 enum { SEND_COALESCED = 1, SEND_REJECTED = 2 };
 enum { KICK_HOW_NONE = 0, KICK_HOW_SIGNAL = 1, KICK_HOW_WAKE = 2, KICK_HOW_SELF = 3 };

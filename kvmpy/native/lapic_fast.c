@@ -323,14 +323,14 @@ enum fastpath lapic_eoi_fast(struct vcpu *v)
  * the future (armed) or 0 (disarmed). Python's: a write outside TSC-deadline mode
  * (ignored and counted; without CPUID TSC-deadline the mode cannot be set, and the
  * write #GPs there), an expiry due (its _timer_catch_up fires it first), a deadline
- * already passed (it fires at once: Python's expiry path), no published TSC line
- * (Q_TSC_HZ 0), and --trace (the Python timer thread records each firing).
+ * already passed (it fires at once: Python's expiry path) and no published TSC line
+ * (Q_TSC_HZ 0). Under --trace the timer thread records its firings itself (timer.c).
  */
 enum fastpath lapic_tsc_deadline_fast(struct vcpu *v, uint64_t value, uint64_t now)
 {
 	struct lapic *a = &v->apic;
 	uint64_t *q = a->q, hz = q[Q_TSC_HZ], deadline = 0;
-	if (!hz || v->trace || a->r[R_MODE] == APIC_DISABLED ||
+	if (!hz || a->r[R_MODE] == APIC_DISABLED ||
 	    a->r[R_TIMER_MODE] != TIMER_TSC_DEADLINE)
 		return FASTPATH_NONE;
 	if ((q[Q_TIMER_DEADLINE] && now >= q[Q_TIMER_DEADLINE]) || now < q[Q_TSC_REF_NS])

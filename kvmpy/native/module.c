@@ -26,6 +26,7 @@ typedef struct {
 	PyObject_HEAD
 	struct vm vm;
 	struct slot *slots;
+	Py_buffer timer_trace; /* the timer thread's trace ring (timer_trace_attach) */
 } CoreObject;
 
 static struct slot *get_slot(CoreObject *self, int i, bool attached)
@@ -51,6 +52,8 @@ static void Core_dealloc(CoreObject *self)
 					PyBuffer_Release(&self->slots[i].buf[b]);
 		free(self->slots);
 	}
+	if (self->timer_trace.obj) /* after timer_destroy: its thread no longer writes */
+		PyBuffer_Release(&self->timer_trace);
 	free(self->vm.vcpus);
 	Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -379,6 +382,30 @@ static PyObject *Core_trace_attach(CoreObject *self, PyObject *args)
 	Py_RETURN_NONE;
 }
 
+/* timer_trace_attach(buffer): the timer thread's trace ring (--trace), once. */
+static PyObject *Core_timer_trace_attach(CoreObject *self, PyObject *arg)
+{
+	if (self->timer_trace.obj) {
+		PyErr_SetString(PyExc_ValueError, "the timer thread already has a trace ring");
+		return NULL;
+	}
+	if (get_buf(arg, &self->timer_trace, 32, "timer trace ring") < 0)
+		return NULL;
+	self->vm.timer_trace_cap = (uint64_t)self->timer_trace.len / 32;
+	/* release: the capacity and the buffer before the thread may see the pointer. */
+	atomic_store_explicit(&self->vm.timer_trace, (int64_t *)self->timer_trace.buf,
+			      memory_order_release);
+	Py_RETURN_NONE;
+}
+
+/* timer_trace_count() -> records the timer thread wrote (read after stop()). */
+static PyObject *Core_timer_trace_count(CoreObject *self, PyObject *noargs)
+{
+	/* relaxed: read after timer_stop joined the writer. */
+	return PyLong_FromUnsignedLongLong(
+		atomic_load_explicit(&self->vm.timer_trace_count, memory_order_relaxed));
+}
+
 static PyObject *Core_trace_count(CoreObject *self, PyObject *args)
 {
 	struct vcpu *v;
@@ -614,6 +641,10 @@ static PyMethodDef Core_methods[] = {
 	{"busy", (PyCFunction)Core_busy, METH_NOARGS, "vCPU threads not asleep"},
 	{"trace_attach", (PyCFunction)Core_trace_attach, METH_VARARGS, "native trace ring"},
 	{"trace_count", (PyCFunction)Core_trace_count, METH_VARARGS, "records written"},
+	{"timer_trace_attach", (PyCFunction)Core_timer_trace_attach, METH_O,
+	 "the timer thread's trace ring"},
+	{"timer_trace_count", (PyCFunction)Core_timer_trace_count, METH_NOARGS,
+	 "records the timer thread wrote"},
 	{"take_request", (PyCFunction)Core_take_request, METH_VARARGS, ""},
 	{"mode", (PyCFunction)Core_mode, METH_VARARGS, ""},
 	{"fast_wrmsr", (PyCFunction)Core_fast_wrmsr, METH_VARARGS, ""},

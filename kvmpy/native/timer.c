@@ -64,11 +64,44 @@ void timer_arm(struct vcpu *v, uint64_t deadline_ns)
 {
 	if (v->timerfd < 0)
 		return;
+	/* relaxed: read only for the timer thread's trace record of this firing. */
+	atomic_store_explicit(&v->timer_armed_ns, deadline_ns, memory_order_relaxed);
 	struct itimerspec its = {
 		.it_value = {.tv_sec = (time_t)(deadline_ns / 1000000000u),
 			     .tv_nsec = (long)(deadline_ns % 1000000000u)},
 	};
 	timerfd_settime(v->timerfd, TFD_TIMER_ABSTIME, &its, NULL);
+}
+
+/* One record in the timer thread's ring (that thread only; wraps over the oldest). */
+static void timer_trace_rec(struct vm *vm, int64_t *ring, int64_t kind, int64_t a, int64_t b)
+{
+	/* relaxed: this thread is the only writer; Python reads it after timer_stop. */
+	uint64_t n = atomic_load_explicit(&vm->timer_trace_count, memory_order_relaxed);
+	int64_t *r = &ring[(n % vm->timer_trace_cap) * 4];
+	r[0] = (int64_t)now_ns();
+	r[1] = kind;
+	r[2] = a;
+	r[3] = b;
+	atomic_store_explicit(&vm->timer_trace_count, n + 1, memory_order_relaxed);
+}
+
+/* The firing for vCPU `i`: its kick, and under --trace the records Python's
+ * TimerService writes for its own firings (TIMER_FIRE, then the KICK with its how). */
+static void timer_fire(struct vm *vm, int i)
+{
+	struct vcpu *v = vm->vcpus[i];
+	/* acquire: pairs with Core.timer_trace_attach's release (ring and capacity). */
+	int64_t *ring = atomic_load_explicit(&vm->timer_trace, memory_order_acquire);
+	if (ring)
+		timer_trace_rec(vm, ring, TR_TIMER_FIRE, i,
+				(int64_t)atomic_load_explicit(&v->timer_armed_ns,
+							      memory_order_relaxed));
+	int mode = kvm_vcpu_kick(v, NULL);
+	if (ring)
+		timer_trace_rec(vm, ring, TR_KICK, i,
+				mode == IN_GUEST ? KICK_HOW_SIGNAL
+				: mode == BLOCKED ? KICK_HOW_WAKE : KICK_HOW_NONE);
 }
 
 static void *timer_main(void *arg)
@@ -85,7 +118,7 @@ static void *timer_main(void *arg)
 				return NULL;
 			/* Read to re-arm the level; EAGAIN: re-armed since, nothing due. */
 			if (read((int)(uint32_t)id, &expiries, sizeof(expiries)) == sizeof(expiries))
-				kvm_vcpu_kick(vm->vcpus[id >> 32], NULL);
+				timer_fire(vm, (int)(id >> 32));
 		}
 	}
 }

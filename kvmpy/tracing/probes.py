@@ -66,6 +66,10 @@ def attach(machine: Machine, events: int = DEFAULT_EVENTS) -> Tracer:
         if vcpu.apic is not None:
             vcpu.apic.on_eoi = ring.eoi
             vcpu.apic.on_timer_irq = ring.timer_irq
+    # The core's timer thread (the TSC-deadline writes the fastpath armed) records its
+    # firings and kicks beside Python's TimerService, in the same "timer thread" ring.
+    tracer.timer_ring.native = bytearray(events * FIELDS * 8)
+    machine.core.timer_trace_attach(tracer.timer_ring.native)
     machine.apic_bus.tracer = tracer
     machine.timers.tracer = tracer
     machine.tracer = tracer
