@@ -307,6 +307,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             name = k.CAPABILITY_NAMES.get(cap, str(cap))
             print(f"{name}: {kvm.check_extension(cap)}")
         print(f"KVM_CAP_MAX_VCPUS: {kvm.check_extension(k.KVM_CAP_MAX_VCPUS)}")
+        sync = kvm.check_extension(k.KVM_CAP_SYNC_REGS)
+        how = ("kvm_run.s.regs (KVM_CAP_SYNC_REGS events)" if sync & k.KVM_SYNC_X86_EVENTS
+               else "KVM_INTERRUPT (no KVM_CAP_SYNC_REGS events)")
+        print(f"KVM_CAP_SYNC_REGS: {sync:#x}; interrupts injected by {how}")
         print(f"native exit core: {_core.__file__}")
         print("fastpath settings: native (default), python, off")
     finally:

@@ -163,3 +163,22 @@ def test_a_sipi_start_drops_an_interrupt_queued_before_the_init(vcpu: RealModeVc
     events = vcpu.fd.get_vcpu_events()
     assert events.interrupt.injected == 0 and events.nmi.injected == 0
     assert vcpu.run_to_port() == 0x10  # the SIPI's code runs; the handler does not
+
+
+@pytest.mark.kvm
+def test_kvmpy_info_names_the_injection_route() -> None:
+    import subprocess
+    import sys
+
+    from kvmpy.kvm import Kvm
+
+    r = subprocess.run([sys.executable, "-m", "kvmpy", "info"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    kvm = Kvm.open()
+    try:
+        sync = kvm.check_extension(k.KVM_CAP_SYNC_REGS)
+    finally:
+        kvm.close()
+    route = "kvm_run.s.regs" if sync & k.KVM_SYNC_X86_EVENTS else "KVM_INTERRUPT"
+    assert f"KVM_CAP_SYNC_REGS: {sync:#x}; interrupts injected by {route}" in r.stdout
