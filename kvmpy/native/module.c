@@ -524,20 +524,28 @@ static PyObject *Core_inject(CoreObject *self, PyObject *args)
 	return Py_BuildValue("ii", injected, (int)v->run->request_interrupt_window);
 }
 
+/* (index, vector) of an attached vCPU, the vector 0..255; NULL with the error set. */
+static struct slot *parse_index_vector(CoreObject *self, PyObject *args, int *vector)
+{
+	int i;
+	if (!PyArg_ParseTuple(args, "ii", &i, vector))
+		return NULL;
+	struct slot *s = get_slot(self, i, true);
+	if (s && (*vector < 0 || *vector > 255)) {
+		PyErr_Format(PyExc_ValueError, "vector %d out of range", *vector);
+		return NULL;
+	}
+	return s;
+}
+
 /* queue_interrupt(i, vector): kvm_queue_interrupt for Python's injection (vcpu.py
  * _inject_pending_events), on the vCPU's thread. */
 static PyObject *Core_queue_interrupt(CoreObject *self, PyObject *args)
 {
-	int i, vector;
-	if (!PyArg_ParseTuple(args, "ii", &i, &vector))
-		return NULL;
-	struct slot *s = get_slot(self, i, true);
+	int vector;
+	struct slot *s = parse_index_vector(self, args, &vector);
 	if (!s)
 		return NULL;
-	if (vector < 0 || vector > 255) {
-		PyErr_Format(PyExc_ValueError, "vector %d", vector);
-		return NULL;
-	}
 	if (kvm_queue_interrupt(&s->v, vector) < 0) {
 		errno = s->v.err;
 		return PyErr_SetFromErrno(PyExc_OSError);
@@ -595,16 +603,10 @@ static PyObject *Core_halt_poll_ns(CoreObject *self, PyObject *args)
  * (lapic_fast.c lapic_irr_test_and_set), for Python's senders (LocalApic.accept_fixed). */
 static PyObject *Core_irr_test_and_set(CoreObject *self, PyObject *args)
 {
-	int i, vector;
-	if (!PyArg_ParseTuple(args, "ii", &i, &vector))
-		return NULL;
-	struct slot *s = get_slot(self, i, true);
+	int vector;
+	struct slot *s = parse_index_vector(self, args, &vector);
 	if (!s)
 		return NULL;
-	if (vector < 0 || vector > 255) {
-		PyErr_Format(PyExc_ValueError, "vector %d out of range", vector);
-		return NULL;
-	}
 	return PyBool_FromLong(lapic_irr_test_and_set(&s->v.apic, vector));
 }
 
