@@ -1034,3 +1034,22 @@ def test_physical_ipi_to_a_globally_disabled_apic_finds_no_target(x2: bool) -> N
     m.icr(0, 0x40, ("id", 1), False, 0, True, 0, 0)
     assert m.nat.apics[0].stats["ipi_no_target"] == 1
     assert "fixed_rejected_disabled" not in m.nat.apics[1].stats
+
+
+def test_lowest_priority_tie_goes_to_the_lowest_index() -> None:
+    """Equal PPRs and no focus processor: the first APIC of the destination set wins, on
+    both sides (the default run's draws do not reach this tie after the TSC and alias
+    rules joined; scripts/native_mutants.py lp_tie)."""
+    m = _pair([0, 1, 2])
+    m.x2apic_icr(0, c.ICR_DEST_LOGICAL | LOWEST << 8 | 0x48, ("logical", 0, 0b110), 0)
+    assert [a.irr[0x48] for a in m.nat.apics] == [0, 1, 0]
+
+
+def test_nonzero_x2apic_eoi_write_is_handed_over() -> None:
+    """A nonzero write to the x2APIC EOI MSR #GPs (SDM 10.12.1.2): the core hands it to
+    Python and the in-service vector stays (scripts/native_mutants.py eoi_nonzero)."""
+    m = _pair([0, 1])
+    m.accept_fixed(0, 0x50, False)
+    m.loop_top(0, True, True, None)
+    m.eoi(0, True, 5, 4)  # asserts NONE for a nonzero value
+    assert m.nat.apics[0].isr[0x50] and m.nat.apics[0].stats["gp"] == 1
