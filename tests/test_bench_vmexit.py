@@ -106,9 +106,9 @@ def test_real_vmexit_flat_comparison() -> None:
     assert data["kind"] == "vmexit" and data["failures"] == [] and data["tsc_hz"] > 0
     assert list(data["tests"]) == ["ipi", "ipi_halt"]
     for name, t in data["tests"].items():
-        for cfg in ("kvmpy-fast", "kvmpy-slow", "kernel"):
+        for cfg in ("kvmpy-fast", "kvmpy-python", "kvmpy-slow", "kernel"):
             medians = t["configs"][cfg]["run_medians"]
             assert len(medians) == 2 and all(m > 0 for m in medians), (name, cfg)
-        assert set(t["ratios"]) == {"fast/slow", "fast/kernel"}
+        assert set(t["ratios"]) == {"fast/slow", "fast/python", "python/slow", "fast/kernel"}
         for ratio in t["ratios"].values():
             assert ratio["low"] <= ratio["high"] and ratio["verdict"]
