@@ -204,6 +204,22 @@ static struct vcpu *lowest_priority(struct vcpu *src, int vector, uint32_t dest,
 	return best;
 }
 
+/* An IPI that found no destination (ApicBus: stats "ipi_no_target"). */
+static void count_no_target(struct lapic *sa)
+{
+	atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_NO_TARGET], 1,
+				  memory_order_relaxed);
+}
+
+/* Deliver to the one target routing chose, or count that there was none. */
+static void deliver_or_count(struct vcpu *src, struct vcpu *t, int vector, int dm)
+{
+	if (t)
+		deliver_fixed(src, t, vector, dm);
+	else
+		count_no_target(&src->apic);
+}
+
 /*
  * An ICR write of a fixed or lowest-priority IPI with a legal vector, in either mode:
  * `low` is ICR[31:0] as stored, `dest` ICR[63:32] (x2APIC) or ICR[63:56] (xAPIC).
@@ -243,26 +259,15 @@ enum fastpath lapic_icr_write_fast(struct vcpu *src, uint32_t low, uint32_t dest
 				}
 			}
 			if (!hit)
-				atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_NO_TARGET],
-							  1, memory_order_relaxed);
+				count_no_target(sa);
 			return FASTPATH_REENTER_GUEST;
 		}
-		struct vcpu *t = physical_target(vm, dest);
-		if (t)
-			deliver_fixed(src, t, vector, dm);
-		else
-			atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_NO_TARGET], 1,
-						  memory_order_relaxed);
+		deliver_or_count(src, physical_target(vm, dest), vector, dm);
 		return FASTPATH_REENTER_GUEST;
 	}
 	struct vcpu *skip = sh == SH_ALL_BUT ? src : NULL;
 	if (dm == DM_LOWEST) {
-		struct vcpu *t = lowest_priority(src, vector, dest, broadcast, skip);
-		if (t)
-			deliver_fixed(src, t, vector, dm);
-		else
-			atomic_fetch_add_explicit((_Atomic uint64_t *)&sa->q[Q_IPI_NO_TARGET], 1,
-						  memory_order_relaxed);
+		deliver_or_count(src, lowest_priority(src, vector, dest, broadcast, skip), vector, dm);
 		return FASTPATH_REENTER_GUEST;
 	}
 	for (int i = 0; i < vm->nvcpus; i++) {
