@@ -533,6 +533,27 @@ class NativeVsPython(RuleBasedStateMachine):
         self.xapic_id_write(b, ("other", a))
         self.icr(src, vector | dm << 8, ("cur", a), xapic_icr, 0, True, 0, 0)
 
+    def wrmsr_both(self, i: int, msr: int, value: int, what: str) -> tuple[int, int]:
+        """A WRMSR exit on both sides: Python's fastpath, else its slow path; the core's,
+        else the native side's slow path. The two verdicts (Python's, native)."""
+        fp = python_fast_wrmsr(self.py.apics[i], msr, value)
+        if fp == NONE:
+            slow_wrmsr(self.py, i, msr, value)
+        nfp = self.native_exit(i, lambda: self.nat.core.fast_wrmsr(i, msr, value),
+                               lambda: slow_wrmsr(self.nat, i, msr, value), what)
+        return fp, nfp
+
+    def mmio_both(self, i: int, gpa: int, length: int, value: int,
+                  what: str) -> tuple[int, int]:
+        """An MMIO write exit on both sides, as wrmsr_both."""
+        fp = python_fast_mmio(self.py.apics[i], gpa, length, value)
+        if fp == NONE:
+            slow_mmio_write(self.py, i, gpa, length, value)
+        nfp = self.native_exit(
+            i, lambda: self.nat.core.fast_mmio_write(i, gpa, length, value),
+            lambda: slow_mmio_write(self.nat, i, gpa, length, value), what)
+        return fp, nfp
+
     def x2apic_icr(self, src: int, low: int, dest: tuple, bit12_high: int) -> None:
         i = src % self.n
         if self.py.waiting[i]:
@@ -540,12 +561,7 @@ class NativeVsPython(RuleBasedStateMachine):
         value = self._resolve(dest, True) << 32 | low | bit12_high
         what = f"vCPU {i} WRMSR ICR {value:#x}"
         mode = self.nat.apics[i].mode
-        fp = python_fast_wrmsr(self.py.apics[i], c.MSR_X2APIC_ICR, value)
-        if fp == NONE:
-            slow_wrmsr(self.py, i, c.MSR_X2APIC_ICR, value)
-        nfp = self.native_exit(
-            i, lambda: self.nat.core.fast_wrmsr(i, c.MSR_X2APIC_ICR, value),
-            lambda: slow_wrmsr(self.nat, i, c.MSR_X2APIC_ICR, value), what)
+        fp, nfp = self.wrmsr_both(i, c.MSR_X2APIC_ICR, value, what)
         dm, vector = (low >> 8) & 7, low & 0xFF
         covered = (mode is ApicMode.X2APIC and not value & X2_ICR_RESERVED
                    and dm in (FIXED, LOWEST) and vector >= 16)
@@ -567,12 +583,7 @@ class NativeVsPython(RuleBasedStateMachine):
         gpa = apic.base_address + c.REG_ICR_LOW
         value = low | stray  # bytes past the access's length are not the guest's
         what = f"vCPU {i} MMIO ICR low {low:#x} (dest {apic._icr_dest:#x})"
-        fp = python_fast_mmio(self.py.apics[i], gpa, 4, value)
-        if fp == NONE:
-            slow_mmio_write(self.py, i, gpa, 4, value)
-        nfp = self.native_exit(
-            i, lambda: self.nat.core.fast_mmio_write(i, gpa, 4, value),
-            lambda: slow_mmio_write(self.nat, i, gpa, 4, value), what)
+        fp, nfp = self.mmio_both(i, gpa, 4, value, what)
         stored = low & XAPIC_ICR_LOW_WRITABLE
         dm, vector = (stored >> 8) & 7, stored & 0xFF
         covered = apic.mode is ApicMode.XAPIC and dm in (FIXED, LOWEST) and vector >= 16
@@ -587,13 +598,8 @@ class NativeVsPython(RuleBasedStateMachine):
         if self.py.waiting[i]:
             return
         what = f"vCPU {i} WRMSR SELF_IPI {value:#x}"
-        fp = python_fast_wrmsr(self.py.apics[i], c.MSR_X2APIC_SELF_IPI, value)
-        if fp == NONE:
-            slow_wrmsr(self.py, i, c.MSR_X2APIC_SELF_IPI, value)
         mode = self.nat.apics[i].mode
-        nfp = self.native_exit(
-            i, lambda: self.nat.core.fast_wrmsr(i, c.MSR_X2APIC_SELF_IPI, value),
-            lambda: slow_wrmsr(self.nat, i, c.MSR_X2APIC_SELF_IPI, value), what)
+        fp, nfp = self.wrmsr_both(i, c.MSR_X2APIC_SELF_IPI, value, what)
         covered = mode is ApicMode.X2APIC and 16 <= value <= 0xFF
         assert nfp == (REENTER if covered else NONE), f"{what}: verdict {nfp}"
         self.compare(what)
@@ -617,21 +623,12 @@ class NativeVsPython(RuleBasedStateMachine):
         level = isrv >= 0 and apic.tmr[isrv]
         if via_msr:
             what = f"vCPU {i} WRMSR EOI {value:#x} (ISR top {isrv:#x}, level {level})"
-            fp = python_fast_wrmsr(self.py.apics[i], MSR_EOI, value)
-            if fp == NONE:
-                slow_wrmsr(self.py, i, MSR_EOI, value)
-            nfp = self.native_exit(i, lambda: self.nat.core.fast_wrmsr(i, MSR_EOI, value),
-                                   lambda: slow_wrmsr(self.nat, i, MSR_EOI, value), what)
+            fp, nfp = self.wrmsr_both(i, MSR_EOI, value, what)
             covered = apic.mode is ApicMode.X2APIC and value == 0
         else:
             gpa = apic.base_address + c.REG_EOI
             what = f"vCPU {i} MMIO EOI len {length} (ISR top {isrv:#x}, level {level})"
-            fp = python_fast_mmio(self.py.apics[i], gpa, length, value)
-            if fp == NONE:
-                slow_mmio_write(self.py, i, gpa, length, value)
-            nfp = self.native_exit(
-                i, lambda: self.nat.core.fast_mmio_write(i, gpa, length, value),
-                lambda: slow_mmio_write(self.nat, i, gpa, length, value), what)
+            fp, nfp = self.mmio_both(i, gpa, length, value, what)
             covered = apic.mode is ApicMode.XAPIC and length == 4
         covered = covered and isrv >= 0 and not level
         assert nfp == (REENTER if covered else NONE), f"{what}: verdict {nfp}"
@@ -645,12 +642,7 @@ class NativeVsPython(RuleBasedStateMachine):
         base = c.APIC_DEFAULT_BASE if at_default_base else self.nat.apics[i].base_address
         gpa = base + offset
         what = f"vCPU {i} MMIO write {offset:#x} len {length} = {value:#x}"
-        fp = python_fast_mmio(self.py.apics[i], gpa, length, value)
-        if fp == NONE:
-            slow_mmio_write(self.py, i, gpa, length, value)
-        nfp = self.native_exit(
-            i, lambda: self.nat.core.fast_mmio_write(i, gpa, length, value),
-            lambda: slow_mmio_write(self.nat, i, gpa, length, value), what)
+        _, nfp = self.mmio_both(i, gpa, length, value, what)
         if offset not in (c.REG_EOI, c.REG_ICR_LOW):
             assert nfp == NONE, f"{what}: verdict {nfp}"
         self.compare(what)
@@ -1053,3 +1045,14 @@ def test_nonzero_x2apic_eoi_write_is_handed_over() -> None:
     m.loop_top(0, True, True, None)
     m.eoi(0, True, 5, 4)  # asserts NONE for a nonzero value
     assert m.nat.apics[0].isr[0x50] and m.nat.apics[0].stats["gp"] == 1
+
+
+def test_xapic_cluster_logical_ipi_matches_the_cluster_id() -> None:
+    """Cluster model (DFR 0x0FFFFFFF): MDA[7:4] must equal the LDR's cluster, and a member
+    bit must match (SDM 10.6.2.2; scripts/native_mutants.py cluster)."""
+    m = _pair([0, 1, 2], x2=False)
+    for i, cluster in ((0, 0), (1, 1), (2, 2)):
+        m.mmio_write(i, c.REG_DFR, 4, 0x0FFFFFFF)
+        m.mmio_write(i, c.REG_LDR, 4, (cluster << 4 | 0b10) << 24)
+    m.xapic_icr(0, c.ICR_DEST_LOGICAL | 0x49, ("raw", 0x12), True, 0, 0)  # asserts REENTER
+    assert [a.irr[0x49] for a in m.nat.apics] == [0, 1, 0]
