@@ -65,3 +65,38 @@ def snapshot_repo(dst):
     git("add", "-A")
     git("commit", "-q", "-m", "snapshot of the tree under test")
     return dst
+
+
+class RealModeGuest:
+    """One real-mode vCPU on a bare KVM VM (no kvmpy Machine), for tests that drive the
+    native core through a real KVM_RUN (tests/test_native_core.py, test_native_inject.py):
+    64 KiB of RAM from 0, each of ``code``'s blobs at its address, CS = SS = 0, and the
+    given RIP and RSP. ``close()`` releases the vCPU, the VM, the memory and /dev/kvm."""
+
+    def __init__(self, code: dict[int, bytes], rip: int, rsp: int = 0) -> None:
+        from kvmpy.kvm import Kvm
+        from kvmpy.kvm import structs as s
+        from kvmpy.memory import GuestMemory
+
+        self.kvm = Kvm.open()
+        self.vm = self.kvm.create_vm()
+        self.mem = GuestMemory(0x10000)
+        for region in self.mem.regions:
+            self.vm.set_user_memory_region(region.slot, region.gpa, region.size,
+                                           region.host_address)
+        for gpa, blob in code.items():
+            self.mem.write(gpa, blob)
+        self.fd = self.vm.create_vcpu(0)
+        sregs = self.fd.get_sregs()
+        sregs.cs.base = sregs.cs.selector = 0
+        sregs.ss.base = sregs.ss.selector = 0
+        self.fd.set_sregs(sregs)
+        regs = s.KvmRegs()
+        regs.rflags, regs.rip, regs.rsp = 0x2, rip, rsp
+        self.fd.set_regs(regs)
+
+    def close(self) -> None:
+        self.fd.close()
+        self.vm.close()
+        self.mem.close()
+        self.kvm.close()

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from conftest import RealModeGuest
 
 from kvmpy import _core as nc
 from kvmpy.apic import (
@@ -603,25 +604,8 @@ class SpinningVcpu:
     two; slot 1 is a model vCPU that posts kicks)."""
 
     def __init__(self) -> None:
-        from kvmpy.kvm import Kvm
-        from kvmpy.kvm import structs as s
-        from kvmpy.memory import GuestMemory
-
-        self.kvm = Kvm.open()
-        self.vm = self.kvm.create_vm()
-        self.mem = GuestMemory(0x10000)
-        for region in self.mem.regions:
-            self.vm.set_user_memory_region(region.slot, region.gpa, region.size,
-                                           region.host_address)
-        self.mem.write(CODE_GPA, JMP_SELF)
-        self.fd = self.vm.create_vcpu(0)
-        sregs = self.fd.get_sregs()
-        sregs.cs.base = 0
-        sregs.cs.selector = 0
-        self.fd.set_sregs(sregs)
-        regs = s.KvmRegs()
-        regs.rflags, regs.rip = 0x2, CODE_GPA
-        self.fd.set_regs(regs)
+        self.guest = RealModeGuest({CODE_GPA: JMP_SELF}, rip=CODE_GPA)
+        self.fd = self.guest.fd
         self.core = nc.Core(2, 2)
         b = buffers()
         self.core_regs = b["regs"]
@@ -644,10 +628,7 @@ class SpinningVcpu:
         self.regs.release()
         del self.core
         gc.collect()
-        self.fd.close()
-        self.vm.close()
-        self.mem.close()
-        self.kvm.close()
+        self.guest.close()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from conftest import RealModeGuest
 
 from kvmpy import _core as nc
 from kvmpy.kvm import ioctls as k
@@ -28,29 +29,12 @@ HANDLER_CODE = bytes([0xE6, 0x11, 0xEB, 0xFE])  # out 0x11, al; jmp $
 
 class RealModeVcpu:
     def __init__(self, sync_events: bool) -> None:
-        from kvmpy.kvm import Kvm
-        from kvmpy.kvm import structs as s
-        from kvmpy.memory import GuestMemory
-
-        self.kvm = Kvm.open()
-        self.sync_supported = bool(self.kvm.check_extension(k.KVM_CAP_SYNC_REGS)
+        self.guest = RealModeGuest({CODE: OUT_JMP, HANDLER: HANDLER_CODE,
+                                    VECTOR * 4: struct.pack("<HH", HANDLER, 0)},  # IVT
+                                   rip=CODE, rsp=0x8000)
+        self.fd = self.guest.fd
+        self.sync_supported = bool(self.guest.kvm.check_extension(k.KVM_CAP_SYNC_REGS)
                                    & k.KVM_SYNC_X86_EVENTS)
-        self.vm = self.kvm.create_vm()
-        self.mem = GuestMemory(0x10000)
-        for region in self.mem.regions:
-            self.vm.set_user_memory_region(region.slot, region.gpa, region.size,
-                                           region.host_address)
-        self.mem.write(CODE, OUT_JMP)
-        self.mem.write(HANDLER, HANDLER_CODE)
-        self.mem.write(VECTOR * 4, struct.pack("<HH", HANDLER, 0))  # IVT: offset, segment
-        self.fd = self.vm.create_vcpu(0)
-        sregs = self.fd.get_sregs()
-        sregs.cs.base = sregs.cs.selector = 0
-        sregs.ss.base = sregs.ss.selector = 0
-        self.fd.set_sregs(sregs)
-        regs = s.KvmRegs()
-        regs.rflags, regs.rip, regs.rsp = 0x2, CODE, 0x8000
-        self.fd.set_regs(regs)
         self.core = nc.Core(1, 2)
         self.core.set(sync_events=int(sync_events and self.sync_supported))
         self.bufs = {"irr": bytearray(256), "isr": bytearray(256), "tmr": bytearray(256),
@@ -83,10 +67,7 @@ class RealModeVcpu:
         self.stats.release()
         del self.core
         gc.collect()
-        self.fd.close()
-        self.vm.close()
-        self.mem.close()
-        self.kvm.close()
+        self.guest.close()
 
 
 @pytest.fixture
