@@ -63,25 +63,29 @@ static bool timer_due(struct vcpu *v)
  * NMI is being reinjected), so the snapshot written back is the vCPU's own state. On
  * the KVM_INTERRUPT path: returns -1 with errno in v->err if it failed. Owner-only.
  */
-int kvm_queue_interrupt(struct vcpu *v, int vector)
+static int queue_by_ioctl(struct vcpu *v, int vector)
 {
-	struct kvm_run *kr = v->run;
-	struct kvm_vcpu_events *ev = &kr->s.regs.events;
-	if (v->events_fresh && !ev->exception.injected && !ev->exception.pending &&
-	    !ev->interrupt.injected && !ev->nmi.injected) {
-		ev->interrupt.injected = 1;
-		ev->interrupt.nr = (uint8_t)vector;
-		ev->interrupt.soft = 0;
-		kr->kvm_dirty_regs |= KVM_SYNC_X86_EVENTS;
-		v->stats[S_INJECT_SYNC]++;
-		return 0;
-	}
 	struct kvm_interrupt irq = {.irq = (uint32_t)vector};
 	if (v->fd >= 0 && ioctl(v->fd, KVM_INTERRUPT, &irq) < 0) {
 		v->err = errno;
 		return -1;
 	}
 	v->stats[S_INJECT_IOCTL]++;
+	return 0;
+}
+
+int kvm_queue_interrupt(struct vcpu *v, int vector)
+{
+	struct kvm_run *kr = v->run;
+	struct kvm_vcpu_events *ev = &kr->s.regs.events;
+	if (!v->events_fresh || ev->exception.injected || ev->exception.pending ||
+	    ev->interrupt.injected || ev->nmi.injected)
+		return queue_by_ioctl(v, vector);
+	ev->interrupt.injected = 1;
+	ev->interrupt.nr = (uint8_t)vector;
+	ev->interrupt.soft = 0;
+	kr->kvm_dirty_regs |= KVM_SYNC_X86_EVENTS;
+	v->stats[S_INJECT_SYNC]++;
 	return 0;
 }
 
@@ -98,8 +102,8 @@ int kvm_vcpu_events_changed(struct vcpu *v)
 	if (!(kr->kvm_dirty_regs & KVM_SYNC_X86_EVENTS))
 		return 0;
 	kr->kvm_dirty_regs &= ~(uint64_t)KVM_SYNC_X86_EVENTS;
-	v->stats[S_INJECT_SYNC]--; /* counted again as an ioctl */
-	return kvm_queue_interrupt(v, kr->s.regs.events.interrupt.nr);
+	v->stats[S_INJECT_SYNC]--; /* it goes by the ioctl after all */
+	return queue_by_ioctl(v, kr->s.regs.events.interrupt.nr);
 }
 
 /* KVM's inject_pending_event for the APIC's maskable interrupts (vcpu.py
